@@ -1,0 +1,143 @@
+"""Scaled dot-product attention, multi-head attention and the KV cache (Vaswani et al., 2017, section 3.2).
+
+Notation: B batch, H heads, T query length, S key length, D head dim, E = H * D model width.
+Masks follow `mt.masks`: boolean, True where attention is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of one attention layer, each (B, H, L, D).
+
+    Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time.
+    Cross-attention caches are filled once from the encoder output (`KVCache.fixed`) and never grow.
+    Beam search and batch pruning call `reorder` with the row each new row comes from.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, growing: bool):
+        self.k, self.v, self.length, self.growing = k, v, length, growing
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor) -> KVCache:
+        shape = (batch, heads, max_len, head_dim)
+        return cls(like.new_empty(shape), like.new_empty(shape), 0, growing=True)
+
+    @classmethod
+    def fixed(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        return cls(k, v, k.size(2), growing=False)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores (B, H, t, D) new keys/values; returns all keys/values so far, (B, H, L, D)."""
+        assert self.growing, "a cross-attention cache does not grow"
+        end = self.length + k.size(2)
+        if end > self.k.size(2):  # past the preallocated length: double it
+            self.k = torch.cat([self.k, torch.empty_like(self.k)], dim=2)
+            self.v = torch.cat([self.v, torch.empty_like(self.v)], dim=2)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i of the cache becomes old row index[i] (rows may be repeated or dropped)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(D)) v on (B, H, T, D) queries and (B, H, S, D) keys/values.
+
+    The fused kernel (`F.scaled_dot_product_attention`) is used unless the weights are asked for, in which
+    case the same formula is written out so the (B, H, T, S) weights can be returned.
+    """
+    if not need_weights:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        return out, None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    if is_causal:
+        causal = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return F.dropout(weights, dropout) @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with the parameter layout of `torch.nn.MultiheadAttention`.
+
+    `in_proj_weight` stacks the query, key and value projections (3E, E), so self-attention projects with
+    one matrix product, and weights copy one-to-one from `nn.MultiheadAttention` in tests.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert d_model % heads == 0, "heads must divide d_model"
+        self.d_model, self.heads, self.head_dim, self.dropout = d_model, heads, d_model // heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attends from `query` (B, T, E) to itself (`memory` None) or to `memory` (B, S, E).
+
+        Args:
+            mask: boolean, broadcastable to (B, H, T, S), True where attention is allowed.
+            is_causal: position t attends only to positions <= t (self-attention over a whole sequence).
+            cache: self-attention: the new keys/values are appended and the query attends to all of them.
+                Cross-attention: a `KVCache.fixed` from `project_memory`, used instead of `memory`.
+            need_weights: also return the attention weights, (B, H, T, S).
+
+        Returns:
+            The output (B, T, E) and the weights or None.
+        """
+        E = self.d_model
+        if memory is None and (cache is None or cache.growing):
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            k, v = self._split_heads(k), self._split_heads(v)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            q = F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
+            k, v = (cache.k, cache.v) if cache is not None else self.project_memory(memory)
+        q = self._split_heads(q)
+        dropout = self.dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout, need_weights)
+        B, H, T, D = out.shape
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, E)
+        return self.out_proj(out), weights
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output (B, S, E), each (B, H, S, D): computed once per sentence."""
+        E = self.d_model
+        k, v = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, T, E) -> (B, H, T, D)

@@ -1,0 +1,284 @@
+"""Every setting of a run, with its default, in one typed tree of frozen dataclasses.
+
+A YAML file gives any subset of the keys; `--set section.key=value` overrides single keys. Unknown keys are
+rejected with the nearest valid name, and every value is checked against its type and range, so a run never
+starts on a typo. `Config()` is the built-in default and equals `configs/multi30k.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mt.errors import ConfigError
+
+CorpusSpec = str | dict[str, str]
+"""A corpus: `name:split` (e.g. `multi30k:train`) or `{src: PATH, tgt: PATH}` for an aligned pair of files."""
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
+    """A config field with its help text (shown in the README's reference) and an allowed range."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: CorpusSpec = option("multi30k:train", "training corpus: `name:split` or `{src: PATH, tgt: PATH}`")
+    valid: CorpusSpec = option("multi30k:valid", "validation corpus (loss, BLEU, early stopping)")
+    test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`")
+    src_lang: str = option("fr", "file suffix of the source side")
+    tgt_lang: str = option("en", "file suffix of the target side")
+    max_pairs: int = option(0, "use only the first N training pairs (0 = all)", min=0)
+    max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1)
+    max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this", min=1.0)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = option(8000, "joint French+English SentencePiece vocabulary size", min=16)
+    type: Literal["unigram", "bpe"] = option("unigram", "SentencePiece model type")
+    character_coverage: float = option(1.0, "share of characters covered by the vocabulary", min=0.9, max=1.0)
+    sample_sentences: int = option(2_000_000, "train the tokenizer on at most this many sentences", min=100)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = option(256, "width of embeddings and hidden states", min=8)
+    heads: int = option(4, "attention heads; must divide d_model", min=1)
+    encoder_layers: int = option(3, "encoder layers", min=1)
+    decoder_layers: int = option(3, "decoder layers", min=1)
+    d_ff: int = option(1024, "hidden width of the feed-forward blocks", min=1)
+    dropout: float = option(0.1, "dropout on embeddings, sublayer outputs and feed-forward", min=0.0, max=0.9)
+    attention_dropout: float = option(0.0, "dropout on attention weights", min=0.0, max=0.9)
+    activation: Literal["relu", "gelu"] = option("relu", "feed-forward activation")
+    norm: Literal["post", "pre"] = option("post", "Add & Norm after each sublayer (post) or before it (pre)")
+    max_positions: int = option(1024, "longest sequence the sinusoidal table covers", min=16)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_tokens: int = option(6000, "tokens (source + target, padding included) per batch", min=16)
+    accumulate: int = option(1, "batches whose gradients are summed before each update", min=1)
+    lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", min=0.0)
+    warmup_steps: int = option(800, "linear warmup, then inverse-square-root decay", min=1)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    adam_betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0.0, max=0.99)
+    clip_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0)
+    max_steps: int = option(0, "stop after this many updates (0 = no limit)", min=0)
+    max_epochs: int = option(0, "stop after this many epochs (0 = no limit)", min=0)
+    max_minutes: float = option(40.0, "stop after this much training time (0 = no limit)", min=0.0)
+    valid_every: int = option(1000, "validate (loss and greedy BLEU) every N updates", min=1)
+    valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0)
+    log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
+    seed: int = option(1, "seed of model initialisation and batch order")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam_size: int = option(5, "beam width (1 = greedy)", min=1)
+    length_penalty: float = option(1.0, "beam score = log-prob / length ** length_penalty", min=0.0)
+    max_len_a: float = option(1.5, "longest output = max_len_a * source length + max_len_b", min=0.0)
+    max_len_b: int = option(10, "see max_len_a", min=1)
+    batch_tokens: int = option(8000, "source tokens per decoding batch (times beam size)", min=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = option("multi30k", "run name: the run folder is runs_dir/name")
+    runs_dir: str = option("runs", "folder that holds run folders")
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (or the built-in default when `path` is None) and applies `key=value` overrides.
+
+    Raises:
+        ConfigError: naming the file or override, the key, and what was expected.
+    """
+    raw: dict[str, Any] = {}
+    source = "built-in default"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(loaded).__name__}")
+        raw = loaded or {}
+        raw.setdefault("name", path.stem)
+    config = _build(Config, raw, "", source)
+    for override in overrides:
+        config = apply_override(config, override)
+    return config
+
+
+def apply_override(config: Config, override: str) -> Config:
+    """Returns `config` with one `section.key=value` override applied (value parsed as YAML)."""
+    source = f"--set {override}"
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{source}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: value is not valid YAML: {_one_line(e)}") from None
+    raw = config_to_dict(config)
+    node = raw
+    parts = key.strip().split(".")
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not isinstance(node, dict) or part not in node:
+            choices = list(node) if isinstance(node, dict) else []
+            raise ConfigError(_unknown_key(source, prefix, part, choices))
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+    return _build(Config, raw, "", source)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain YAML-ready data (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every setting, in order: the README's config reference is made from this."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, yaml.safe_dump(_plain(f.default), default_flow_style=True)
+                             .strip().removesuffix("\n..."), f.metadata["help"]))
+
+    walk(Config, "")
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(_unknown_key(source, prefix.rstrip("."), str(key), list(known)))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.", source)
+        else:
+            values[name] = _check(value, hint, known[name].metadata, f"{prefix}{name}", source)
+    config = cls(**values)
+    if cls is ModelConfig and config.d_model % config.heads:
+        raise ConfigError(f"{source}: model.heads ({config.heads}) must divide model.d_model ({config.d_model})")
+    return config
+
+
+def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
+    """Returns `value` converted to the field's type, or raises a ConfigError saying what is allowed."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if hint is CorpusSpec:
+        from mt.corpora import parse_corpus  # late import: corpora needs no config
+
+        try:
+            parse_corpus(value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {key}: {e}") from None
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            fail("one of " + ", ".join(map(repr, choices)))
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            fail(f"a list of {len(args)} numbers")
+        return tuple(_check(v, a, {}, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                fail("a number")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str) or not value:
+            fail("a non-empty string")
+    elif isinstance(hint, types.UnionType):
+        raise AssertionError(f"unsupported config type {hint}")
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        fail(f">= {low}" + (f" and <= {high}" if high is not None else ""))
+    if high is not None and value > high:
+        fail(f"<= {high}" + (f" and >= {low}" if low is not None else ""))
+    return value
+
+
+def _unknown_key(source: str, prefix: str, key: str, choices: list[str]) -> str:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    valid = ", ".join(choices)
+    return f"{source}: unknown key '{full}'{hint}; valid keys here: {valid}"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

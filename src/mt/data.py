@@ -1,0 +1,205 @@
+"""Parallel text: checked reading through `datasets` (Arrow, cached), tokenization, filtering, batching.
+
+A corpus is streamed into an Arrow table by `datasets.Dataset.from_generator`, which caches it keyed on the
+files' paths, sizes and modification times; tokenization runs through `.map`, cached on the tokenizer's hash.
+Batches hold about `batch_tokens` tokens (padding included): pairs of similar length are grouped, so little
+of each batch is padding, and the batch order is shuffled with a seed per epoch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mt.corpora import CorpusFiles
+from mt.errors import DataError
+from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def read_lines(path: Path) -> list[str]:
+    """All lines of a UTF-8 text file (plain or .gz), without line endings.
+
+    Raises:
+        DataError: naming the file, and the line for bytes that are not UTF-8.
+    """
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {data[e.start]:#04x})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def read_pairs(files: CorpusFiles) -> tuple[list[str], list[str]]:
+    """The aligned lines of a corpus.
+
+    Raises:
+        DataError: if either file is unreadable or the two have different line counts.
+    """
+    src, tgt = read_lines(files.src), read_lines(files.tgt)
+    if len(src) != len(tgt):
+        raise DataError(
+            f"{files.name}: {files.src} has {len(src)} lines but {files.tgt} has {len(tgt)}; "
+            "the two sides must be aligned line by line"
+        )
+    return src, tgt
+
+
+def _generate_pairs(src: str, tgt: str, stamp: str) -> Iterator[dict[str, str]]:
+    del stamp  # only part of the cache key
+    src_lines, tgt_lines = read_pairs(CorpusFiles(f"{src} | {tgt}", Path(src), Path(tgt)))
+    for s, t in zip(src_lines, tgt_lines):
+        yield {"src": s, "tgt": t}
+
+
+def load_corpus(files: CorpusFiles, max_pairs: int = 0):
+    """Reads a corpus into a `datasets.Dataset` with columns `src` and `tgt` (cached as Arrow).
+
+    Raises:
+        DataError: if the files are unreadable or misaligned.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (files.src, files.tgt))
+    read_pairs(files)  # checks alignment and encoding up front, with file names in the message
+    try:
+        ds = datasets.Dataset.from_generator(
+            _generate_pairs, gen_kwargs={"src": str(files.src), "tgt": str(files.tgt), "stamp": stamp}
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+    if max_pairs and len(ds) > max_pairs:
+        ds = ds.select(range(max_pairs))
+    return ds
+
+
+def tokenize(ds, tokenizer: Tokenizer):
+    """Adds `src_ids` and `tgt_ids` columns through `.map`, cached on the data and the tokenizer."""
+    key = hashlib.sha256(ds._fingerprint.encode() + tokenizer.proto).hexdigest()[:32]
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        return {"src_ids": tokenizer.encode(batch["src"]), "tgt_ids": tokenizer.encode(batch["tgt"])}
+
+    return ds.map(encode, batched=True, batch_size=10_000, new_fingerprint=key)
+
+
+@dataclass(frozen=True)
+class FilterReport:
+    """How many pairs each filter removed, in the order they were applied."""
+
+    total: int
+    empty: int
+    too_long: int
+    bad_ratio: int
+    kept: int
+
+    def describe(self) -> str:
+        return (f"{self.total} pairs read; removed {self.empty} with an empty side, {self.too_long} longer "
+                f"than the limit, {self.bad_ratio} with an extreme length ratio; {self.kept} kept")
+
+
+def filter_pairs(ds, max_tokens: int, max_ratio: float):
+    """Drops pairs with an empty side, a side over `max_tokens` subwords, or a length ratio over `max_ratio`.
+
+    Returns:
+        The filtered dataset and a FilterReport.
+    """
+    src_len, tgt_len = lengths(ds)
+    empty = (src_len == 0) | (tgt_len == 0)
+    too_long = ~empty & ((src_len > max_tokens) | (tgt_len > max_tokens))
+    ratio = np.maximum(src_len, tgt_len) / np.maximum(np.minimum(src_len, tgt_len), 1)
+    bad_ratio = ~empty & ~too_long & (ratio > max_ratio)
+    keep = np.flatnonzero(~(empty | too_long | bad_ratio))
+    report = FilterReport(len(ds), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()), len(keep))
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
+    return ds, report
+
+
+def lengths(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Subword lengths of both sides, read from the Arrow columns without building Python lists."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    return tuple(
+        pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False).astype(np.int64)
+        for name in ("src_ids", "tgt_ids")
+    )
+
+
+@dataclass
+class Batch:
+    """A padded batch. `tgt_in` starts with BOS, `tgt_out` ends with EOS; both are (B, T)."""
+
+    src: torch.Tensor  # (B, S)
+    tgt_in: torch.Tensor  # (B, T)
+    tgt_out: torch.Tensor  # (B, T)
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.tgt_out != PAD).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        nb = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=nb) for t in (self.src, self.tgt_in, self.tgt_out)))
+
+
+def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> list[np.ndarray]:
+    """Groups pair indices into batches of about `batch_tokens` padded tokens, in a seeded random order.
+
+    Pairs are sorted by target then source length (ties broken at random), cut into batches whose
+    `size × (longest source + longest target + 2)` (EOS and BOS included) fits the budget, and the batches are shuffled.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.permutation(len(src_len))
+    order = np.lexsort((noise, src_len, tgt_len))
+    batches, start, max_src, max_tgt = [], 0, 0, 0
+    for i, idx in enumerate(order):
+        new_src, new_tgt = max(max_src, src_len[idx]), max(max_tgt, tgt_len[idx])
+        if i > start and (i - start + 1) * (new_src + new_tgt + 2) > batch_tokens:
+            batches.append(order[start:i])
+            start, new_src, new_tgt = i, src_len[idx], tgt_len[idx]
+        max_src, max_tgt = new_src, new_tgt
+    if start < len(order):
+        batches.append(order[start:])
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(src_ids: list[list[int]], tgt_ids: list[list[int]] | None = None) -> Batch:
+    """Pads token lists into a Batch: EOS ends every source; tgt tensors are empty when `tgt_ids` is None."""
+    src = pad([[*ids, EOS] for ids in src_ids])
+    if tgt_ids is None:
+        empty = torch.zeros(len(src_ids), 0, dtype=torch.long)
+        return Batch(src, empty, empty)
+    return Batch(src, pad([[BOS, *ids] for ids in tgt_ids]), pad([[*ids, EOS] for ids in tgt_ids]))
+
+
+def pad(seqs: list[list[int]]) -> torch.Tensor:
+    """Right-pads with PAD into a (len(seqs), longest) long tensor."""
+    out = torch.full((len(seqs), max((len(s) for s in seqs), default=0)), PAD, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out

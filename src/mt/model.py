@@ -1,0 +1,121 @@
+"""The encoder-decoder Transformer (Vaswani et al., 2017) built from `mt.layers`.
+
+One embedding table serves the source, the target and the output projection (a joint vocabulary).
+`encode` and `decode` are separate so that search encodes once; `decode_step` extends a KV cache by one
+position per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mt.attention import KVCache
+from mt.config import ModelConfig
+from mt.layers import DecoderLayer, EncoderLayer, SinusoidalPositions
+from mt.masks import padding_mask
+from mt.tokenizer import PAD
+
+
+@dataclass
+class DecoderCache:
+    """Per decoder layer: the growing self-attention cache and the fixed cross-attention cache."""
+
+    self_attn: list[KVCache]
+    cross_attn: list[KVCache]
+    memory_mask: torch.Tensor  # (B, 1, 1, S)
+
+    @property
+    def length(self) -> int:
+        return self.self_attn[0].length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for cache in (*self.self_attn, *self.cross_attn):
+            cache.reorder(index)
+        self.memory_mask = self.memory_mask.index_select(0, index)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        d, norm_first = config.d_model, config.norm == "pre"
+        layer_args = (d, config.heads, config.d_ff, config.dropout, config.attention_dropout,
+                      config.activation, norm_first)
+        self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)
+        self.positions = SinusoidalPositions(d, config.max_positions)
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
+        # Pre-norm stacks end with a LayerNorm; post-norm layers already end with one.
+        self.encoder_norm = nn.LayerNorm(d) if norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if norm_first else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and name != "embed.weight":
+                nn.init.xavier_uniform_(p)
+        nn.init.normal_(self.embed.weight, std=self.config.d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[PAD].zero_()
+
+    def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, T, E): scaled embeddings plus positions start..start+T-1."""
+        x = self.embed(tokens) * math.sqrt(self.config.d_model)
+        return self.dropout(x + self.positions(tokens.size(1), start))
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) source ids -> encoder output (B, S, E) and the source padding mask (B, 1, 1, S)."""
+        mask = padding_mask(src)
+        x = self.embed_tokens(src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) target ids (BOS first) -> decoder states (B, T, E); position t sees targets <= t only."""
+        x = self.embed_tokens(tgt)
+        for layer in self.decoder_layers:
+            x, _ = layer(x, memory, memory_mask)
+        return self.decoder_norm(x)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""
+        return states @ self.embed.weight.t()
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """(B, S) source and (B, T) target-input ids -> (B, T, V) logits."""
+        memory, mask = self.encode(src)
+        return self.logits(self.decode(tgt, memory, mask))
+
+    def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
+        """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""
+        B = memory.size(0)
+        self_caches, cross_caches = [], []
+        for layer in self.decoder_layers:
+            attn = layer.self_attn
+            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, like=memory))
+            cross_caches.append(KVCache.fixed(*layer.cross_attn.project_memory(memory)))
+        return DecoderCache(self_caches, cross_caches, memory_mask)
+
+    def decode_step(
+        self, tokens: torch.Tensor, cache: DecoderCache, need_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feeds the newest token of each row, (B,), and returns the next-token logits (B, V).
+
+        Also returns each layer's cross-attention weights (B, H, S) when `need_weights`.
+        """
+        x = self.embed_tokens(tokens[:, None], start=cache.length)  # (B, 1, E)
+        weights = []
+        for layer, self_cache, cross_cache in zip(self.decoder_layers, cache.self_attn, cache.cross_attn):
+            x, w = layer(x, None, cache.memory_mask, self_cache, cross_cache, need_weights)
+            if need_weights:
+                weights.append(w[:, :, 0])
+        return self.logits(self.decoder_norm(x[:, 0])), weights
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

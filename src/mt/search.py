@@ -1,0 +1,179 @@
+"""Greedy and beam search, batched over sentences, as plain functions over a `Stepper`.
+
+A Stepper turns the tokens produced so far into next-token log-probabilities and follows the search when it
+reorders, repeats or drops rows. `CachedStepper` feeds one token per step through the KV cache;
+`RecomputeStepper` re-runs the decoder over the whole prefix each step (the baseline the cache is measured
+and tested against). Finished sentences leave the batch, so late steps only pay for sentences still going.
+
+Beam scores are length-normalised: log P(y) / len(y) ** length_penalty, where len(y) counts the EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mt.model import Transformer
+
+
+@dataclass
+class Hypothesis:
+    """An output: token ids (no BOS/EOS), its search score and its total log-probability."""
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+class Stepper(Protocol):
+    def step(self, history: torch.Tensor) -> torch.Tensor:
+        """(N, t) tokens so far, BOS first -> (N, V) log-probabilities of the next token."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """New row i continues old row index[i]."""
+
+
+class CachedStepper:
+    """Feeds the newest token through the model's KV cache: each step costs one position."""
+
+    def __init__(self, model: Transformer, src: torch.Tensor, max_len: int):
+        memory, mask = model.encode(src)
+        self.model, self.cache = model, model.start_cache(memory, mask, max_len)
+
+    def step(self, history: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model.decode_step(history[:, -1], self.cache)
+        return logits.float().log_softmax(dim=-1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+
+
+class RecomputeStepper:
+    """Re-runs the decoder over the whole prefix every step: no cache, for tests and benchmarks."""
+
+    def __init__(self, model: Transformer, src: torch.Tensor):
+        self.model = model
+        self.memory, self.mask = model.encode(src)
+
+    def step(self, history: torch.Tensor) -> torch.Tensor:
+        states = self.model.decode(history, self.memory, self.mask)[:, -1]
+        return self.model.logits(states).float().log_softmax(dim=-1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.memory, self.mask = self.memory.index_select(0, index), self.mask.index_select(0, index)
+
+
+def max_lengths(src_lengths: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
+    """Longest output per sentence: a * source length + b, at most `cap`."""
+    return (src_lengths.float() * a + b).long().clamp(max=cap)
+
+
+@torch.no_grad()
+def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) -> list[Hypothesis]:
+    """The most probable next token at each step, until EOS or the sentence's maximum length.
+
+    Args:
+        stepper: prepared for len(max_lens) sentences.
+        max_lens: (N,) most tokens to produce per sentence, EOS included.
+    """
+    n = len(max_lens)
+    device = max_lens.device
+    history = torch.full((n, 1), bos, dtype=torch.long, device=device)
+    log_prob = torch.zeros(n, device=device)
+    alive = torch.arange(n, device=device)  # the sentence of each row
+    results: list[Hypothesis | None] = [None] * n
+    step = 0
+    while alive.numel():
+        best_lp, best = stepper.step(history).max(dim=-1)
+        log_prob += best_lp
+        history = torch.cat([history, best[:, None]], dim=1)
+        step += 1
+        finished = (best == eos) | (step >= max_lens[alive])
+        if finished.any():
+            for row in finished.nonzero()[:, 0].tolist():
+                tokens = history[row, 1:].tolist()
+                if tokens[-1] == eos:
+                    tokens.pop()
+                lp = log_prob[row].item()
+                results[alive[row].item()] = Hypothesis(tokens, lp, lp)
+            keep = (~finished).nonzero()[:, 0]
+            alive, history, log_prob = alive[keep], history[keep], log_prob[keep]
+            if alive.numel():
+                stepper.reorder(keep)
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def beam_search(
+    stepper: Stepper,
+    max_lens: torch.Tensor,
+    bos: int,
+    eos: int,
+    beam_size: int,
+    length_penalty: float = 1.0,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search: keeps the `beam_size` best prefixes of each sentence.
+
+    At each step the 2 × beam_size best extensions are ranked; those among the first beam_size that end in
+    EOS are finished, and the best beam_size others go on. A sentence is done when it has beam_size finished
+    hypotheses, or at its maximum length, where its open beams are finished as they are.
+
+    Args:
+        stepper: prepared for len(max_lens) sentences; it is expanded here to beam_size rows per sentence.
+        max_lens: (N,) most tokens to produce per sentence, EOS included.
+
+    Returns:
+        For each sentence, its `nbest` hypotheses, best first.
+    """
+    n, k = len(max_lens), beam_size
+    device = max_lens.device
+    stepper.reorder(torch.arange(n, device=device).repeat_interleave(k))
+    history = torch.full((n * k, 1), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(n, k, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
+    alive = torch.arange(n, device=device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+    n_finished = torch.zeros(n, dtype=torch.long, device=device)
+    step = 0
+    while alive.numel():
+        groups = alive.numel()
+        log_probs = stepper.step(history)  # (groups * k, V)
+        vocab = log_probs.size(-1)
+        candidates = (scores[:, :, None] + log_probs.view(groups, k, vocab)).view(groups, k * vocab)
+        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (groups, 2k), best first
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        step += 1
+        at_limit = step >= max_lens[alive]  # (groups,)
+        ends = top_token == eos
+        ends[:, k:] = False
+        ends |= at_limit[:, None] & (torch.arange(2 * k, device=device) < k)
+        ends &= top_scores > float("-inf")
+        if ends.any():
+            normaliser = float(step) ** length_penalty
+            for g, j in ends.nonzero().tolist():
+                sentence = int(alive[g])
+                if len(finished[sentence]) >= k:
+                    continue
+                tokens = history[g * k + int(top_beam[g, j]), 1:].tolist()
+                token = int(top_token[g, j])
+                if token != eos:
+                    tokens.append(token)
+                lp = float(top_scores[g, j])
+                finished[sentence].append(Hypothesis(tokens, lp / normaliser, lp))
+                n_finished[sentence] += 1
+        # The best k extensions that do not end the sentence go on (there are always k among 2k).
+        next_scores, pick = top_scores.masked_fill(top_token == eos, float("-inf")).topk(k, dim=1)
+        parent = (torch.arange(groups, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+        history = torch.cat([history[parent], top_token.gather(1, pick).view(-1, 1)], dim=1)
+        scores = next_scores
+        done = at_limit | (n_finished[alive] >= k)
+        if done.any():
+            keep = (~done).nonzero()[:, 0]
+            rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
+            alive, scores, history, parent = alive[keep], scores[keep], history[rows], parent[rows]
+        if alive.numel():
+            stepper.reorder(parent)
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

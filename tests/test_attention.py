@@ -1,0 +1,82 @@
+"""Our attention against torch's: same weights, same outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+from mt.attention import KVCache, MultiHeadAttention
+from mt.masks import causal_mask, padding_mask
+
+torch.manual_seed(0)
+
+
+def copied_pair(d_model=16, heads=4):
+    ours = MultiHeadAttention(d_model, heads).eval()
+    theirs = nn.MultiheadAttention(d_model, heads, batch_first=True).eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def test_self_attention_with_padding_matches_torch():
+    ours, theirs = copied_pair()
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    x = torch.randn(2, 5, 16)
+    mask = padding_mask(tokens)
+    out, weights = ours(x, mask=mask, need_weights=True)
+    ref, ref_weights = theirs(x, x, x, key_padding_mask=~mask[:, 0, 0], average_attn_weights=False)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(weights, ref_weights)
+    fused, _ = ours(x, mask=mask)  # the scaled_dot_product_attention path
+    torch.testing.assert_close(fused, ref)
+
+
+def test_cross_attention_matches_torch():
+    ours, theirs = copied_pair()
+    query, memory = torch.randn(3, 4, 16), torch.randn(3, 7, 16)
+    tokens = torch.tensor([[5] * 7, [5] * 4 + [0] * 3, [5] * 1 + [0] * 6])
+    mask = padding_mask(tokens)
+    out, _ = ours(query, memory, mask=mask)
+    ref, _ = theirs(query, memory, memory, key_padding_mask=~mask[:, 0, 0])
+    torch.testing.assert_close(out, ref)
+
+
+def test_causal_self_attention_matches_torch():
+    ours, theirs = copied_pair()
+    x = torch.randn(2, 6, 16)
+    out, _ = ours(x, is_causal=True)
+    ref, _ = theirs(x, x, x, attn_mask=~causal_mask(6))
+    torch.testing.assert_close(out, ref)
+    explicit, _ = ours(x, mask=causal_mask(6), need_weights=True)
+    torch.testing.assert_close(explicit, ref)
+
+
+def test_growing_cache_matches_full_causal_attention():
+    ours, _ = copied_pair()
+    x = torch.randn(2, 6, 16)
+    full, _ = ours(x, is_causal=True)
+    cache = KVCache.empty(2, 4, 3, 4, like=x)  # shorter than needed: it must grow
+    steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+    assert cache.length == 6
+
+
+def test_fixed_cache_matches_cross_attention():
+    ours, _ = copied_pair()
+    query, memory = torch.randn(2, 1, 16), torch.randn(2, 5, 16)
+    cache = KVCache.fixed(*ours.project_memory(memory))
+    torch.testing.assert_close(ours(query, cache=cache)[0], ours(query, memory)[0])
+
+
+def test_reorder_selects_rows():
+    x = torch.randn(3, 2, 4, 8)
+    cache = KVCache.fixed(x, x + 1)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    torch.testing.assert_close(cache.k, x[[2, 2, 0]])
+    torch.testing.assert_close(cache.v, x[[2, 2, 0]] + 1)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+def test_heads_split_the_width(heads):
+    ours, theirs = copied_pair(16, heads)
+    x = torch.randn(1, 3, 16)
+    torch.testing.assert_close(ours(x)[0], theirs(x, x, x)[0])

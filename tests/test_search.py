@@ -1,0 +1,113 @@
+"""Greedy and beam search: against recomputation, against each other, and on a model worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from mt.config import ModelConfig
+from mt.model import Transformer
+from mt.search import CachedStepper, RecomputeStepper, beam_search, greedy_search
+from mt.tokenizer import BOS, EOS, PAD
+
+V = 50
+
+
+@pytest.fixture(scope="module")
+def model_and_src():
+    torch.manual_seed(3)
+    config = ModelConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, d_ff=64)
+    model = Transformer(config, V).eval()
+    # Sharpen the output so hypotheses end at different lengths, some before the limit.
+    with torch.no_grad():
+        model.embed.weight.mul_(4.0)
+    src = torch.randint(4, V, (5, 8))
+    src[:, -1] = EOS
+    src[1, 5:] = PAD
+    src[3, 3:] = PAD
+    return model, src
+
+
+def lengths(src):
+    return (src != PAD).sum(1) + 6
+
+
+def test_greedy_with_cache_equals_recomputation(model_and_src):
+    model, src = model_and_src
+    cached = greedy_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS)
+    recomputed = greedy_search(RecomputeStepper(model, src), lengths(src), BOS, EOS)
+    assert [h.tokens for h in cached] == [h.tokens for h in recomputed]
+    assert len({len(h.tokens) for h in cached}) > 1
+
+
+def test_beam_with_cache_equals_recomputation(model_and_src):
+    model, src = model_and_src
+    cached = beam_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS, beam_size=4, nbest=4)
+    recomputed = beam_search(RecomputeStepper(model, src), lengths(src), BOS, EOS, beam_size=4, nbest=4)
+    assert [[h.tokens for h in hs] for hs in cached] == [[h.tokens for h in hs] for hs in recomputed]
+    for a, b in zip(cached, recomputed):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_beam_size_one_equals_greedy(model_and_src):
+    model, src = model_and_src
+    greedy = greedy_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS)
+    beam = beam_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS, beam_size=1)
+    assert [h.tokens for h in greedy] == [hs[0].tokens for hs in beam]
+    assert [h.log_prob for h in greedy] == pytest.approx([hs[0].log_prob for hs in beam], abs=1e-4)
+
+
+def test_batched_search_equals_one_sentence_at_a_time(model_and_src):
+    model, src = model_and_src
+    batched = beam_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS, beam_size=3)
+    for i in range(len(src)):
+        one = src[i : i + 1, : int((src[i] != PAD).sum())]
+        alone = beam_search(CachedStepper(model, one, 16), lengths(src)[i : i + 1], BOS, EOS, beam_size=3)
+        assert alone[0][0].tokens == batched[i][0].tokens
+
+
+class FixedStepper:
+    """A fake model over the vocabulary {BOS=2, EOS=3, A=4, B=5}: the next-token probabilities depend only
+    on the last token, so every hypothesis's probability can be worked out by hand."""
+
+    table = {
+        BOS: {4: 0.5, 5: 0.4, EOS: 0.1},
+        4: {EOS: 0.6, 4: 0.3, 5: 0.1},
+        5: {5: 0.9, EOS: 0.1},
+    }
+
+    def step(self, history):
+        out = torch.full((history.size(0), 6), float("-inf"))
+        for row, last in enumerate(history[:, -1].tolist()):
+            for token, p in self.table[last].items():
+                out[row, token] = math.log(p)
+        return out
+
+    def reorder(self, index):
+        pass
+
+
+def test_beam_search_on_a_model_worked_out_by_hand():
+    # Beam 2. Step 1: A (0.5), B (0.4); EOS (0.1) is third, outside the first two: not finished.
+    # Step 2: A EOS (0.30) finishes; B B (0.36) and A A (0.15) go on.
+    # Step 3: B B B (0.324), A A EOS (0.09), A A A (0.045), B B EOS (0.036): A A EOS is among the first two
+    # and finishes; B B EOS is not. Two finished: done. Scores with length penalty 1: log(0.30)/2, log(0.09)/3.
+    [hyps] = beam_search(FixedStepper(), torch.tensor([10]), BOS, EOS, beam_size=2, length_penalty=1.0, nbest=2)
+    assert [h.tokens for h in hyps] == [[4], [4, 4]]
+    assert hyps[0].score == pytest.approx(math.log(0.5 * 0.6) / 2)
+    assert hyps[1].score == pytest.approx(math.log(0.5 * 0.3 * 0.6) / 3)
+    assert hyps[1].log_prob == pytest.approx(math.log(0.09))
+
+
+def test_length_penalty_zero_ranks_by_total_probability():
+    [hyps] = beam_search(FixedStepper(), torch.tensor([10]), BOS, EOS, beam_size=2, length_penalty=0.0, nbest=2)
+    assert hyps[0].score == pytest.approx(math.log(0.30))
+
+
+def test_maximum_length_finishes_open_beams():
+    # Limit 2 tokens: step 2 ranks B B (0.36), A EOS (0.30); both end there, B B without EOS.
+    [hyps] = beam_search(FixedStepper(), torch.tensor([2]), BOS, EOS, beam_size=2, length_penalty=0.0, nbest=2)
+    assert [h.tokens for h in hyps] == [[5, 5], [4]]
+    assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.30)])
+    [greedy] = greedy_search(FixedStepper(), torch.tensor([1]), BOS, EOS)
+    assert greedy.tokens == [4]

@@ -1,0 +1,12 @@
+"""mt: train, run and score a French→English Transformer translator."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `from mt import Translator` without importing torch for every `import mt`.
+    if name == "Translator":
+        from mt.translate import Translator
+
+        return Translator
+    raise AttributeError(f"module 'mt' has no attribute {name!r}")

@@ -1,0 +1,88 @@
+"""The run folder and its checkpoints, written atomically so that a kill never leaves a half-written file.
+
+    runs/<name>/
+        config.yaml       the resolved config of the run
+        tokenizer.model   the SentencePiece model
+        last.pt           model, optimizer, schedule, data position, random state: what resume needs
+        best.pt           the model weights with the best validation BLEU, for translation
+        metrics.jsonl     one JSON object per log or validation event
+        data.json         what data preparation read and removed
+        train.log         the training log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mt.errors import CheckpointError
+
+CONFIG, TOKENIZER, LAST, BEST = "config.yaml", "tokenizer.model", "last.pt", "best.pt"
+METRICS, DATA_STATS, LOG = "metrics.jsonl", "data.json", "train.log"
+
+
+def save(state: dict[str, Any], path: Path) -> None:
+    """Writes `state` to a temporary file beside `path`, flushes it to disk, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint.
+
+    Raises:
+        CheckpointError: naming the file, if it is missing, truncated or not a checkpoint.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                              "delete it or train again") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not an mt checkpoint")
+    return state
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def latest_run(runs_dir: Path) -> Path:
+    """The most recently trained run folder (by its newest checkpoint) under `runs_dir`.
+
+    Raises:
+        CheckpointError: if there is none, saying how to make one.
+    """
+    candidates = []
+    if runs_dir.is_dir():
+        for folder in runs_dir.iterdir():
+            times = [(folder / name).stat().st_mtime for name in (BEST, LAST) if (folder / name).is_file()]
+            if times and (folder / CONFIG).is_file():
+                candidates.append((max(times), folder))
+    if not candidates:
+        raise CheckpointError(f"no trained run found in {runs_dir}/; train one with `mt train` "
+                              "or name one with --run")
+    return max(candidates)[1]

@@ -1,0 +1,176 @@
+"""The `mt` command line: each command parses its options, loads what it needs and calls one library function.
+
+Errors the user can fix (`MtError`) are printed on one line, and the command exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from mt.errors import MtError
+
+app = typer.Typer(
+    help="Train, run and score a French→English Transformer translator.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+RunOption = Annotated[
+    Path | None, typer.Option("--run", help="Run folder (default: the most recent one in runs/).")
+]
+RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where to look for the most recent run.")]
+BeamOption = Annotated[int | None, typer.Option("--beam", min=1, help="Beam size (1 = greedy; default: the run's).")]
+
+
+class _TqdmHandler(logging.Handler):
+    """Logs through tqdm.write so messages do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    logger = logging.getLogger("mt")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _TqdmHandler)]
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _errors_exit_2(command):
+    """Turns an MtError into `error: message` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MtError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_errors_exit_2
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the built-in "
+                                                  "one, same as configs/multi30k.yaml).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 "
+                                                         "(repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder of the same "
+                                            "name first.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages too.")] = False,
+) -> None:
+    """Train a tokenizer and a Transformer; the run folder is runs/<name>/.
+
+    Example: MT_DATA_PATH=../shared/data mt train --config configs/tiny.yaml --set train.max_steps=100
+    """
+    from mt.config import load_config
+    from mt.train import train as run_training
+
+    _setup_logging(quiet, verbose)
+    if resume and overwrite:
+        raise MtError("--resume and --overwrite exclude each other")
+    cfg = load_config(config, overrides or [])
+    run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=None if not quiet else False)
+    typer.echo(f"run saved in {run_dir}")
+
+
+@app.command()
+@_errors_exit_2
+def translate(
+    text: Annotated[str | None, typer.Argument(help="French text; omit it to read --input or stdin.")] = None,
+    run: RunOption = None,
+    beam: BeamOption = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file.")] = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Translate French to English: one output line per input line, in order.
+
+    Examples: mt translate "Un chien court dans l'herbe." --beam 5;
+    mt translate --input news.fr > news.en;  cat news.fr | mt translate
+    """
+    from mt.checkpoint import latest_run
+    from mt.data import read_lines
+    from mt.translate import Translator
+
+    _setup_logging(quiet=True)
+    if text is not None and input is not None:
+        raise MtError("give either TEXT or --input, not both")
+    translator = Translator.load(run or latest_run(runs_dir), device=device)
+    if text is not None:
+        lines = [text]
+    elif input is not None:
+        lines = read_lines(input)
+    else:
+        lines = [line.rstrip("\n") for line in sys.stdin]
+    for line in translator.translate(lines, beam_size=beam):
+        typer.echo(line)
+
+
+@app.command("eval")
+@_errors_exit_2
+def evaluate(
+    run: RunOption = None,
+    test: Annotated[str | None, typer.Option(help="Test sets, comma-separated: name:split or SRC|REF "
+                                             "(default: the run's data.test).")] = None,
+    src: Annotated[Path | None, typer.Option(help="Source file (with --ref) instead of --test.")] = None,
+    ref: Annotated[Path | None, typer.Option(help="Reference file, aligned with --src.")] = None,
+    beam: BeamOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    runs_dir: RunsDirOption = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Translate test sets and score them with sacreBLEU (BLEU, chrF), printing the signatures.
+
+    Example: mt eval --run runs/multi30k --test multi30k:test_2016_flickr,multi30k:test_2017_flickr
+    """
+    from mt.checkpoint import latest_run
+    from mt.evaluate import evaluate_run
+
+    _setup_logging(quiet=True)
+    if (src is None) != (ref is None):
+        raise MtError("--src and --ref go together")
+    if src is not None and test is not None:
+        raise MtError("give either --test or --src/--ref, not both")
+    if src is not None:
+        tests = [{"src": str(src), "tgt": str(ref)}]
+    else:
+        tests = [_corpus_arg(item) for item in test.split(",")] if test else None
+    results = evaluate_run(run or latest_run(runs_dir), tests, beam_size=beam, device=device)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    for result in results:
+        typer.echo(f"{result['test']}  ({result['sentences']} sentences, beam {result['beam_size']}, "
+                   f"hypotheses in {result['hypotheses']})")
+        for s in result["scores"]:
+            typer.echo(f"  {s['metric']:<5} {s['score']:6.2f}  {s['signature']}")
+
+
+def _corpus_arg(text: str) -> str | dict[str, str]:
+    """`name:split`, or `SRC|REF` for a pair of files."""
+    src, sep, ref = text.strip().partition("|")
+    return {"src": src, "tgt": ref} if sep else text.strip()
+
+
+def main() -> None:
+    app()

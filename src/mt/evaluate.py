@@ -1,0 +1,73 @@
+"""Corpus-level BLEU (Papineni et al., 2002) and chrF (Popović, 2015) through sacreBLEU, with signatures.
+
+Scores are computed on detokenized text against one reference per sentence, sacreBLEU's defaults
+(13a tokenization for BLEU), so they compare with published numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sacrebleu.metrics import BLEU, CHRF
+
+
+@dataclass(frozen=True)
+class Score:
+    metric: str
+    score: float
+    signature: str
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> list[Score]:
+    """BLEU and chrF of `hypotheses` against `references` (same length, in order)."""
+    assert len(hypotheses) == len(references), "one hypothesis per reference"
+    scores = []
+    for metric in (BLEU(), CHRF()):
+        result = metric.corpus_score(list(hypotheses), [list(references)])
+        scores.append(Score(result.name, round(result.score, 2), str(metric.get_signature()), str(result)))
+    return scores
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    return BLEU().corpus_score(list(hypotheses), [list(references)]).score
+
+
+def evaluate_run(
+    run_dir: Path, tests: Sequence[str | dict[str, str]] | None = None, beam_size: int | None = None,
+    device: str = "auto",
+) -> list[dict]:
+    """Translates each test corpus with the run's model, scores it and writes the hypotheses to
+    `run_dir/eval/`.
+
+    Args:
+        tests: corpus specs (`name:split` or `{src, tgt}`); default: the run's `data.test`.
+
+    Returns:
+        One dict per test set: test, sentences, beam_size, hypotheses (path) and scores.
+    """
+    from mt import corpora
+    from mt.data import read_pairs
+    from mt.translate import Translator
+
+    translator = Translator.load(run_dir, device=device)
+    data = translator.config.data
+    beam = beam_size or translator.config.decode.beam_size
+    out_dir = Path(run_dir) / "eval"
+    out_dir.mkdir(exist_ok=True)
+    results = []
+    for spec in tests or [data.test]:
+        files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
+        sources, references = read_pairs(files)
+        hypotheses = translator.translate(sources, beam_size=beam)
+        stem = files.name.replace(":", ".") if isinstance(spec, str) else files.src.stem
+        hyp_path = out_dir / f"{stem}.beam{beam}.{data.tgt_lang}"
+        hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,
+                        "hypotheses": str(hyp_path), "scores": [s.as_dict() for s in score(hypotheses, references)]})
+    return results

@@ -1,0 +1,120 @@
+"""Batched translation with a trained model, and `Translator`, which loads a run folder.
+
+Sentences are sorted by length and cut into batches of about `batch_tokens` source tokens (times the beam
+size), so that little of each batch is padding; results come back in the input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mt import checkpoint
+from mt.config import Config, DecodeConfig, load_config
+from mt.data import collate
+from mt.errors import CheckpointError
+from mt.model import Transformer
+from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
+from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def translate_ids(
+    model: Transformer,
+    sources: Sequence[Sequence[int]],
+    decode: DecodeConfig,
+    nbest: int = 1,
+    use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Translates token-id sentences (no EOS) with greedy (beam_size 1) or beam search.
+
+    Returns:
+        For each source, in order, its `nbest` hypotheses (1 for greedy), best first.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.config.max_positions - 1
+    sources = [list(s[:limit]) for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    budget = max(1, decode.batch_tokens // decode.beam_size)
+    results: list[list[Hypothesis]] = [[] for _ in sources]
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * (len(sources[order[end]]) + 1) <= budget:
+            end += 1
+        chunk = order[start:end]
+        src = collate([sources[i] for i in chunk]).src.to(device)
+        max_lens = max_lengths((src != PAD).sum(1), decode.max_len_a, decode.max_len_b, limit)
+        stepper = CachedStepper(model, src, int(max_lens.max())) if use_cache else RecomputeStepper(model, src)
+        if decode.beam_size == 1:
+            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS)]
+        else:
+            hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest)
+        for i, h in zip(chunk, hyps):
+            results[i] = h
+        start = end
+    return results
+
+
+class Translator:
+    """A trained model with its tokenizer and decoding defaults.
+
+    >>> Translator.load("runs/multi30k").translate(["Un chien court."])  # doctest: +SKIP
+    ['A dog is running.']
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "auto") -> Translator:
+        """Loads `best.pt` (or `last.pt` when no validation has run yet) from a run folder.
+
+        Raises:
+            CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
+        """
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run folder not found: {run_dir}")
+        if not (run_dir / checkpoint.CONFIG).is_file():
+            raise CheckpointError(f"{run_dir} is not a run folder: it has no {checkpoint.CONFIG}")
+        config = load_config(run_dir / checkpoint.CONFIG)
+        tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
+        path = run_dir / checkpoint.BEST
+        if not path.is_file():
+            path = run_dir / checkpoint.LAST
+        state = checkpoint.load(path)
+        model = Transformer(config.model, tokenizer.vocab_size)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not match the model in {run_dir / checkpoint.CONFIG}: "
+                                  f"{str(e).splitlines()[0]}") from None
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model.to(device).eval(), tokenizer, config)
+
+    def translate(self, texts: Sequence[str], beam_size: int | None = None) -> list[str]:
+        """Translates each text; an empty or blank text gives an empty line."""
+        return [hyps[0] for hyps in self.translate_nbest(texts, beam_size=beam_size, nbest=1)]
+
+    def translate_nbest(
+        self, texts: Sequence[str], beam_size: int | None = None, nbest: int = 1
+    ) -> list[list[str]]:
+        decode = self.config.decode
+        if beam_size is not None:
+            decode = replace(decode, beam_size=beam_size)
+        sources = self.tokenizer.encode([" ".join(t.split()) for t in texts])
+        hyps = translate_ids(self.model, sources, decode, nbest=nbest)
+        outputs = []
+        for text, options in zip(texts, hyps):
+            lines = self.tokenizer.decode([h.tokens for h in options])
+            outputs.append([""] if not text.strip() else lines)
+        return outputs

@@ -56,7 +56,7 @@ class ModelConfig:
     encoder_layers: int = option(3, "encoder layers", min=1)
     decoder_layers: int = option(3, "decoder layers", min=1)
     d_ff: int = option(1024, "hidden width of the feed-forward blocks", min=1)
-    dropout: float = option(0.1, "dropout on embeddings, sublayer outputs and feed-forward", min=0.0, max=0.9)
+    dropout: float = option(0.2, "dropout on embeddings, sublayer outputs and feed-forward", min=0.0, max=0.9)
     attention_dropout: float = option(0.0, "dropout on attention weights", min=0.0, max=0.9)
     activation: Literal["relu", "gelu"] = option("relu", "feed-forward activation")
     norm: Literal["post", "pre"] = option("post", "Add & Norm after each sublayer (post) or before it (pre)")
@@ -65,10 +65,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_tokens: int = option(6000, "tokens (source + target, padding included) per batch", min=16)
+    batch_tokens: int = option(4096, "tokens (source + target, padding included) per batch", min=16)
     accumulate: int = option(1, "batches whose gradients are summed before each update", min=1)
     lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", min=0.0)
-    warmup_steps: int = option(800, "linear warmup, then inverse-square-root decay", min=1)
+    warmup_steps: int = option(600, "linear warmup, then inverse-square-root decay", min=1)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     adam_betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0.0, max=0.99)
@@ -76,12 +76,12 @@ class TrainConfig:
     max_steps: int = option(0, "stop after this many updates (0 = no limit)", min=0)
     max_epochs: int = option(0, "stop after this many epochs (0 = no limit)", min=0)
     max_minutes: float = option(40.0, "stop after this much training time (0 = no limit)", min=0.0)
-    valid_every: int = option(1000, "validate (loss and greedy BLEU) every N updates", min=1)
+    valid_every: int = option(500, "validate (loss and greedy BLEU) every N updates", min=1)
     valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0)
     log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
     seed: int = option(1, "seed of model initialisation and batch order")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
-    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
 
 

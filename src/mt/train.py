@@ -65,11 +65,20 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device(wanted)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast trains faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     precision = config.train.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 
@@ -318,8 +327,8 @@ def _train(config: Config, run_dir: Path, resume: bool, show_progress: bool | No
     if last_validated != progress.step:
         _validate_and_save(model, data, config, device, amp, progress, run_dir)
     save_last()
-    log.info("done: %d steps in %.1f min; best valid BLEU %.2f at step %d", progress.step,
-             progress.seconds / 60, progress.best_bleu, progress.best_step)
+    log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", progress.step,
+             progress.seconds, progress.best_bleu, progress.best_step)
     return run_dir
 
 

@@ -45,7 +45,7 @@ def test_beam_with_cache_equals_recomputation(model_and_src):
     cached = beam_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS, beam_size=4, nbest=4)
     recomputed = beam_search(RecomputeStepper(model, src), lengths(src), BOS, EOS, beam_size=4, nbest=4)
     assert [[h.tokens for h in hs] for hs in cached] == [[h.tokens for h in hs] for hs in recomputed]
-    for a, b in zip(cached, recomputed):
+    for a, b in zip(cached, recomputed, strict=True):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 

@@ -81,7 +81,8 @@ class TrainConfig:
     log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
     seed: int = option(1, "seed of model initialisation and batch order")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
-    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
 
 
@@ -243,7 +244,7 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         args = typing.get_args(hint)
         if not isinstance(value, list | tuple) or len(value) != len(args):
             fail(f"a list of {len(args)} numbers")
-        return tuple(_check(v, a, {}, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_check(v, a, {}, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is bool:
         if not isinstance(value, bool):
             fail("true or false")

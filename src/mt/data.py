@@ -66,7 +66,7 @@ def read_pairs(files: CorpusFiles) -> tuple[list[str], list[str]]:
 def _generate_pairs(src: str, tgt: str, stamp: str) -> Iterator[dict[str, str]]:
     del stamp  # only part of the cache key
     src_lines, tgt_lines = read_pairs(CorpusFiles(f"{src} | {tgt}", Path(src), Path(tgt)))
-    for s, t in zip(src_lines, tgt_lines):
+    for s, t in zip(src_lines, tgt_lines, strict=True):
         yield {"src": s, "tgt": t}
 
 

@@ -111,7 +111,7 @@ class Transformer(nn.Module):
         """
         x = self.embed_tokens(tokens[:, None], start=cache.length)  # (B, 1, E)
         weights = []
-        for layer, self_cache, cross_cache in zip(self.decoder_layers, cache.self_attn, cache.cross_attn):
+        for layer, self_cache, cross_cache in zip(self.decoder_layers, cache.self_attn, cache.cross_attn, strict=True):
             x, w = layer(x, None, cache.memory_mask, self_cache, cross_cache, need_weights)
             if need_weights:
                 weights.append(w[:, :, 0])

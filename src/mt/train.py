@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -189,7 +188,12 @@ def validate(model: Transformer, data: PreparedData, config: Config, device: tor
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random state that training consumes: dropout draws from torch's generators. (Batch order comes
+    from its own generator, seeded with seed + epoch.)"""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def train(config: Config, resume: bool = False, overwrite: bool = False, show_progress: bool | None = None) -> Path:
@@ -215,8 +219,6 @@ def _train(config: Config, run_dir: Path, resume: bool, show_progress: bool | No
     amp = autocast_dtype(config, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     save_config(config, run_dir / checkpoint.CONFIG)
     data = prepare_data(config, run_dir)
@@ -236,10 +238,9 @@ def _train(config: Config, run_dir: Path, resume: bool, show_progress: bool | No
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**state["progress"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("resuming %s at step %d (epoch %d)", run_dir, progress.step, progress.epoch + 1)
 
     def save_last() -> None:

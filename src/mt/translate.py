@@ -57,7 +57,7 @@ def translate_ids(
             hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS)]
         else:
             hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest)
-        for i, h in zip(chunk, hyps):
+        for i, h in zip(chunk, hyps, strict=True):
             results[i] = h
         start = end
     return results
@@ -114,7 +114,7 @@ class Translator:
         sources = self.tokenizer.encode([" ".join(t.split()) for t in texts])
         hyps = translate_ids(self.model, sources, decode, nbest=nbest)
         outputs = []
-        for text, options in zip(texts, hyps):
+        for text, options in zip(texts, hyps, strict=True):
             lines = self.tokenizer.decode([h.tokens for h in options])
             outputs.append([""] if not text.strip() else lines)
         return outputs

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real data (MT_DATA_PATH) and small corpora written by the tests themselves."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_path() -> Path:
+    """The folder holding multi30k/ (from MT_DATA_PATH, or ../shared/data beside the repo).
+
+    Outside CI a machine without the data skips the tests that need it; in CI they fail instead.
+    """
+    candidates = [Path(p) for p in os.environ.get("MT_DATA_PATH", "").split(os.pathsep) if p]
+    candidates.append(ROOT.parent / "shared" / "data")
+    for folder in candidates:
+        if (folder / "multi30k" / "train.fr").is_file():
+            return folder.resolve()
+    message = "Multi30k not found: set MT_DATA_PATH to the folder that holds multi30k/"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, data_path) -> Path:
+    """Runs the test in an empty folder, with MT_DATA_PATH pointing at the real data."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    return tmp_path
+
+
+def write_pair(folder: Path, name: str, src: list[str], tgt: list[str]) -> tuple[Path, Path]:
+    """Writes an aligned pair `name.fr` / `name.en` and returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / f"{name}.fr", folder / f"{name}.en"
+    for path, lines in zip(paths, (src, tgt), strict=True):
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return paths

@@ -1,0 +1,126 @@
+"""The command line, end to end on a slice of real Multi30k, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_pair
+from mt.cli import app
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_path):
+    """A tiny model trained through `mt train` (module scope: the tests below share it)."""
+    folder = tmp_path_factory.mktemp("e2e")
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", "train", "--config", TINY, "--quiet"],
+        cwd=folder, env={**__import__("os").environ, "MT_DATA_PATH": str(data_path)},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_train_leaves_a_complete_run_folder(trained):
+    run_dir = trained / "runs" / "tiny"
+    for name in ("config.yaml", "tokenizer.model", "best.pt", "last.pt", "metrics.jsonl", "train.log", "data.json"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 1.0  # it learned something
+    assert any("valid_bleu" in r for r in records)
+
+
+def test_translate_text_file_and_stdin(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    result = run("translate", "Deux hommes marchent dans la rue.")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.strip()
+    lines = [f"Un homme numéro {i} marche." for i in range(100)]
+    lines[50] = ""
+    result = run("translate", "--beam", 1, input="\n".join(lines) + "\n")
+    out = result.stdout.splitlines()
+    assert result.exit_code == 0 and len(out) == 100 and out[50] == ""
+    one_by_one = [run("translate", "--beam", 1, lines[i]).stdout.strip() for i in (0, 99)]
+    assert [out[0], out[99]] == one_by_one  # in order, and batching changes nothing
+    Path("in.fr").write_text("Un chat.\nUn chien.\n", encoding="utf-8")
+    result = run("translate", "--input", "in.fr", "--run", "runs/tiny")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+
+
+def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    result = run("eval", "--test", "multi30k:test_2016_flickr", "--beam", 1)
+    assert result.exit_code == 0, result.output
+    assert "BLEU" in result.stdout and "chrF2" in result.stdout and "tok:13a" in result.stdout
+    result = run("eval", "--run", "runs/tiny", "--json", "--beam", 1)
+    [report] = json.loads(result.stdout)
+    assert report["test"] == "multi30k:test_2016_flickr" and report["sentences"] == 1000
+    assert {s["metric"] for s in report["scores"]} == {"BLEU", "chrF2"}
+    hyps = Path(report["hypotheses"]).read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 1000
+    src, ref = write_pair(trained / "own", "t", ["Un chien.", "Un chat."], ["A dog.", "A cat."])
+    result = run("eval", "--src", src, "--ref", ref, "--json", "--beam", 1)
+    assert json.loads(result.stdout)[0]["sentences"] == 2
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_misspelt_config_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text("model:\n  d_modle: 32\n", encoding="utf-8")
+    one_line_error(run("train", "--config", "bad.yaml"), r"bad\.yaml: unknown key 'model\.d_modle'.*'model\.d_model'")
+
+
+def test_misaligned_corpus(in_tmp):
+    src, tgt = write_pair(in_tmp, "pair", ["un", "deux", "trois"], ["one", "two"])
+    result = run("train", "--config", TINY, "--set", f"data.train={{src: {src}, tgt: {tgt}}}")
+    one_line_error(result, r"pair\.fr has 3 lines but .*pair\.en has 2")
+
+
+def test_translate_without_a_trained_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run("translate", "Bonjour."), r"no trained run found in runs/?")
+    one_line_error(run("translate", "--run", "nowhere", "Bonjour."), r"run folder not found: nowhere")
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "precious.txt").write_text("keep me")
+    one_line_error(run("train", "--config", TINY), r"runs/tiny already exists; pass --resume .* --overwrite")
+    assert (tmp_path / "runs" / "tiny" / "precious.txt").is_file()
+
+
+def test_real_process_shows_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mt", "train", "--set", "model.heads=3"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --set model.heads=3: model.heads (3) must divide model.d_model (256)"
+
+
+def test_help_lists_the_commands_with_examples():
+    result = run("--help")
+    for command in ("train", "translate", "eval"):
+        assert command in result.stdout
+    for command in ("train", "translate", "eval"):
+        assert "Example" in run(command, "--help").stdout

@@ -1,0 +1,90 @@
+"""Config loading: defaults, every file in configs/, and the messages for bad keys and values."""
+
+from pathlib import Path
+
+import pytest
+
+from mt.config import Config, apply_override, load_config, reference
+from mt.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.name == path.stem
+
+
+def test_builtin_default_is_configs_multi30k():
+    assert load_config(None) == Config()
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "multi30k.yaml") == Config()
+
+
+def test_misspelt_key_names_file_key_and_nearest(tmp_path):
+    path = write(tmp_path, "model:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'model\.d_modle' \(did you mean 'model\.d_model'"):
+        load_config(path)
+
+
+def test_misspelt_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' \(did you mean 'train'"):
+        load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  d_model: big\n", r"model\.d_model must be an integer, got 'big'"),
+        ("model:\n  norm: middle\n", r"model\.norm must be one of 'post', 'pre'"),
+        ("train:\n  lr: -1\n", r"train\.lr must be >= 0"),
+        ("model:\n  dropout: 1.5\n", r"model\.dropout must be <= 0\.9"),
+        ("model:\n  d_model: 30\n  heads: 4\n", r"model\.heads \(4\) must divide model\.d_model \(30\)"),
+        ("train: 3\n", r"'train' must be a mapping"),
+        ("data:\n  train: multi30k\n", r"data\.train: expected 'name:split'"),
+        ("train:\n  adam_betas: [0.9]\n", r"train\.adam_betas must be a list of 2 numbers"),
+        ("[1, 2]\n", r"expected a mapping of sections"),
+        ("model: {d_model: 8\n", r"not valid YAML"),
+    ],
+)
+def test_bad_values_are_named_with_what_is_allowed(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    assert load_config(write(tmp_path, "train:\n  lr: 3e-4\n")).train.lr == 3e-4
+
+
+def test_pair_of_files_is_a_corpus(tmp_path):
+    config = load_config(write(tmp_path, "data:\n  train: {src: a.fr, tgt: a.en}\n"))
+    assert config.data.train == {"src": "a.fr", "tgt": "a.en"}
+
+
+def test_overrides(tmp_path):
+    config = load_config(None, ["train.lr=3e-4", "model.norm=pre", "name=x", "data.train={src: a, tgt: b}"])
+    assert (config.train.lr, config.model.norm, config.name) == (3e-4, "pre", "x")
+    assert config.data.train == {"src": "a", "tgt": "b"}
+    with pytest.raises(ConfigError, match=r"--set train\.lrr=1: unknown key 'train\.lrr' \(did you mean 'train\.lr'"):
+        apply_override(config, "train.lrr=1")
+    with pytest.raises(ConfigError, match=r"--set train\.lr: expected KEY=VALUE"):
+        apply_override(config, "train.lr")
+    with pytest.raises(ConfigError, match=r"--set model\.heads=0: model\.heads must be >= 1"):
+        apply_override(config, "model.heads=0")
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+def test_reference_covers_every_key():
+    keys = [key for key, _, _ in reference()]
+    assert "train.lr" in keys and "decode.beam_size" in keys and "name" in keys
+    assert all(help_text for _, _, help_text in reference())

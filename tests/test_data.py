@@ -1,0 +1,92 @@
+"""Reading, checking, filtering and batching parallel text."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from conftest import write_pair
+from mt import corpora
+from mt.corpora import CorpusFiles
+from mt.data import collate, filter_pairs, load_corpus, make_batches, read_lines, read_pairs, tokenize
+from mt.errors import DataError
+from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+
+
+def test_read_lines_plain_and_gz(tmp_path):
+    plain = tmp_path / "a.fr"
+    plain.write_text("un\ndeux\u2028trois\r\n", encoding="utf-8")
+    packed = tmp_path / "a.fr.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_lines(plain) == read_lines(packed) == ["un", "deux\u2028trois"]
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.fr"
+    path.write_bytes(b"ok\nalso ok\nbad \xff here\n")
+    with pytest.raises(DataError, match=r"bad\.fr, line 3: not valid UTF-8"):
+        read_lines(path)
+
+
+def test_misaligned_pair_names_both_files(tmp_path):
+    src, tgt = write_pair(tmp_path, "train", ["a", "b", "c"], ["x", "y"])
+    with pytest.raises(DataError, match=r"train\.fr has 3 lines but .*train\.en has 2"):
+        read_pairs(CorpusFiles("pair", src, tgt))
+
+
+def test_named_corpus_found_in_data_then_mt_data_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    write_pair(elsewhere / "toy", "train", ["a"], ["b"])
+    monkeypatch.setenv("MT_DATA_PATH", str(elsewhere))
+    assert corpora.resolve("toy:train").src == elsewhere / "toy" / "train.fr"
+    write_pair(tmp_path / "data" / "toy", "train", ["a"], ["b"])
+    assert corpora.resolve("toy:train").src.parent.parent.name == "data"
+
+
+def test_missing_corpus_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MT_DATA_PATH", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=r"corpus multi30k:tset not found .*MT_DATA_PATH.*known splits of multi30k"):
+        corpora.resolve("multi30k:tset")
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    words = ["le", "la", "un", "une", "chat", "chien", "maison", "rouge", "bleu",
+             "the", "a", "cat", "dog", "house", "red", "blue", "is", "est"]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 5)) for i in range(300)]
+    return Tokenizer.train(lines, vocab_size=35)
+
+
+def test_filters_report_what_they_removed(tmp_path, toy_tokenizer):
+    src = ["le chat", "", "le chien rouge " * 30, "la maison", "un"]
+    tgt = ["the cat", "the dog", "the red dog", "the house is red and blue and the cat is red " * 2, "a"]
+    files = CorpusFiles("toy", *write_pair(tmp_path, "toy", src, tgt))
+    ds, report = filter_pairs(tokenize(load_corpus(files), toy_tokenizer), max_tokens=40, max_ratio=3.0)
+    assert (report.total, report.empty, report.too_long, report.bad_ratio, report.kept) == (5, 1, 1, 1, 2)
+    assert list(ds["src"]) == ["le chat", "un"]
+    assert "1 with an empty side" in report.describe()
+
+
+def test_batches_cover_every_pair_once_within_budget():
+    rng = np.random.default_rng(0)
+    src_len = rng.integers(1, 40, 1000)
+    tgt_len = np.maximum(1, src_len + rng.integers(-4, 5, 1000))  # lengths of translations correlate
+    batches = make_batches(src_len, tgt_len, batch_tokens=500, seed=3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    for b in batches:
+        assert len(b) == 1 or len(b) * (src_len[b].max() + tgt_len[b].max() + 2) <= 500
+    real = sum(int(src_len[b].sum() + tgt_len[b].sum()) for b in batches)
+    padded = sum(len(b) * int(src_len[b].max() + tgt_len[b].max()) for b in batches)
+    assert real / padded > 0.9  # length bucketing keeps padding small
+    again = make_batches(src_len, tgt_len, batch_tokens=500, seed=3)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+
+
+def test_collate_adds_bos_eos_and_pads():
+    batch = collate([[5, 6, 7], [8]], [[9], [10, 11]])
+    assert batch.src.tolist() == [[5, 6, 7, EOS], [8, EOS, PAD, PAD]]
+    assert batch.tgt_in.tolist() == [[BOS, 9, PAD], [BOS, 10, 11]]
+    assert batch.tgt_out.tolist() == [[9, EOS, PAD], [10, 11, EOS]]
+    assert batch.target_tokens == 5

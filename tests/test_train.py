@@ -49,3 +49,45 @@ def test_resume_continues_where_the_run_stopped(in_tmp):
     resumed = checkpoint.load(run_dir / checkpoint.LAST)
     assert resumed["progress"]["step"] == 30
     assert [r["step"] for r in metrics(run_dir) if "valid_bleu" in r] == [10, 20, 30]
+
+
+def short(name: str, steps: int) -> list[str]:
+    # 150 pairs make a handful of batches: 20 steps cross several epoch boundaries. Dropout on, so the
+    # random state matters.
+    return [f"name={name}", f"train.max_steps={steps}", "data.max_pairs=150", "model.dropout=0.1",
+            "train.valid_every=10", "train.log_every=5", "train.valid_sentences=20"]
+
+
+def test_resumed_run_ends_identical_to_a_straight_run(in_tmp):
+    straight = train(load_config(TINY, short("straight", 20)), show_progress=False)
+    split = train(load_config(TINY, short("split", 10)), show_progress=False)
+    train(load_config(TINY, short("split", 20)), resume=True, show_progress=False)
+    assert checkpoint.load(straight / "last.pt")["progress"]["epoch"] >= 2
+    losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (straight, split)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    a, b = (checkpoint.load(run / "last.pt")["model"] for run in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_config_and_seed_give_the_same_losses(in_tmp):
+    runs = [train(load_config(TINY, short(name, 10)), show_progress=False) for name in ("one", "two")]
+    assert (runs[0] / "tokenizer.model").read_bytes() == (runs[1] / "tokenizer.model").read_bytes()
+    losses = [[r.get("train_loss") for r in metrics(run) if "train_loss" in r] for run in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_resume_falls_back_to_the_newest_valid_checkpoint(in_tmp, caplog):
+    run_dir = train(load_config(TINY, short("fallback", 20)), show_progress=False)
+    assert sorted(p.name for p in run_dir.glob("step_*.pt")) == ["step_0000010.pt", "step_0000020.pt"]
+    (run_dir / "last.pt").unlink()
+    (run_dir / "step_0000020.pt").write_bytes(b"truncated")
+    train(load_config(TINY, short("fallback", 25)), resume=True, show_progress=False)
+    assert "resuming from step_0000010.pt instead" in caplog.text
+    assert checkpoint.load(run_dir / "last.pt")["progress"]["step"] == 25
+
+
+def test_early_stopping_stops_after_patience(in_tmp):
+    run_dir = train(load_config(TINY, [*short("patient", 1000), "train.patience=1", "train.valid_every=2",
+                                       "train.lr=0"]), show_progress=False)
+    progress = checkpoint.load(run_dir / "last.pt")["progress"]
+    assert progress["step"] == 4 and progress["bad_validations"] == 1  # lr 0: BLEU cannot improve

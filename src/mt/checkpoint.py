@@ -4,6 +4,7 @@
         config.yaml       the resolved config of the run
         tokenizer.model   the SentencePiece model
         last.pt           model, optimizer, schedule, data position, random state: what resume needs
+        step_NNNNNNN.pt   the same at earlier validations (the newest `train.keep_checkpoints`)
         best.pt           the model weights with the best validation BLEU, for translation
         metrics.jsonl     one JSON object per log or validation event
         data.json         what data preparation read and removed
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +26,8 @@ from mt.errors import CheckpointError
 
 CONFIG, TOKENIZER, LAST, BEST = "config.yaml", "tokenizer.model", "last.pt", "best.pt"
 METRICS, DATA_STATS, LOG = "metrics.jsonl", "data.json", "train.log"
+
+log = logging.getLogger(__name__)
 
 
 def save(state: dict[str, Any], path: Path) -> None:
@@ -56,6 +60,47 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an mt checkpoint")
     return state
+
+
+def save_numbered(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> None:
+    """Saves `state` as last.pt and as step_<step>.pt (a hard link: no second write), keeping the newest
+    `keep` numbered checkpoints."""
+    last = run_dir / LAST
+    save(state, last)
+    numbered = run_dir / f"step_{step:07d}.pt"
+    tmp = run_dir / f".{numbered.name}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+        os.replace(tmp, numbered)
+    except OSError:  # file systems without hard links
+        save(state, numbered)
+    for old in numbered_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
+    """The step_*.pt checkpoints of a run, newest first."""
+    return sorted(run_dir.glob("step_*.pt"), reverse=True)
+
+
+def load_newest_valid(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads last.pt, or, when it is missing or corrupt, the newest numbered checkpoint that loads.
+
+    Raises:
+        CheckpointError: if no checkpoint of the run loads.
+    """
+    problems = []
+    for path in [run_dir / LAST, *numbered_checkpoints(run_dir)]:
+        try:
+            state = load(path, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; resuming from %s instead", "; ".join(problems), path.name)
+        return state
+    raise CheckpointError(f"cannot resume {run_dir}: no checkpoint loads ({'; '.join(problems)})")
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

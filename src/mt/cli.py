@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from mt.errors import MtError
+from mt.errors import Interrupted, MtError
 
 app = typer.Typer(
     help="Train, run and score a French→English Transformer translator.",
@@ -49,12 +49,15 @@ def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def _errors_exit_2(command):
-    """Turns an MtError into `error: message` on stderr and exit code 2."""
+    """Turns an MtError into `error: message` on stderr and exit code 2 (130 for an interrupted run)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Interrupted as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(130) from None
         except MtError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None

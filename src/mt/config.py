@@ -84,6 +84,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
+    keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
+    patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)
+    max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
 
 
 @dataclass(frozen=True)

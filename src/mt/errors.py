@@ -15,3 +15,7 @@ class DataError(MtError):
 
 class CheckpointError(MtError):
     """A run folder or checkpoint that is missing, incomplete or corrupt."""
+
+
+class Interrupted(MtError):
+    """Training stopped on SIGINT or SIGTERM, after saving a checkpoint."""

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from mt import checkpoint, corpora
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import Batch, collate, filter_pairs, lengths, load_corpus, make_batches, tokenize
-from mt.errors import CheckpointError, ConfigError, DataError, MtError
+from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
 from mt.tokenizer import PAD, Tokenizer
@@ -44,6 +46,8 @@ class Progress:
     seconds: float = 0.0  # training time over all sessions of the run
     best_bleu: float = -1.0
     best_step: int = 0
+    bad_validations: int = 0  # validations in a row without a better BLEU (early stopping)
+    nonfinite_in_a_row: int = 0
 
 
 @dataclass
@@ -95,8 +99,8 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     """
     run_dir = config.run_dir
     if resume:
-        if not (run_dir / checkpoint.LAST).is_file():
-            raise CheckpointError(f"cannot resume: {run_dir / checkpoint.LAST} does not exist")
+        if not (run_dir / checkpoint.CONFIG).is_file():
+            raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {checkpoint.CONFIG})")
         saved = load_config(run_dir / checkpoint.CONFIG)
         for section in ("model", "tokenizer", "data"):
             if getattr(saved, section) != getattr(config, section):
@@ -196,154 +200,230 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+class _StopSignals:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step (again to stop at once)", self.received)
+
+
 def train(config: Config, resume: bool = False, overwrite: bool = False, show_progress: bool | None = None) -> Path:
     """Trains a model as `config` says and returns its run folder.
 
     Raises:
         MtError: for bad config values, data or run folders, before any training starts.
+        Interrupted: after saving a checkpoint, on SIGINT or SIGTERM.
     """
     run_dir = prepare_run_dir(config, resume, overwrite)
     file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("mt").addHandler(file_log)
     try:
-        return _train(config, run_dir, resume, show_progress)
+        trainer = Trainer(config, run_dir, resume)
+        with _StopSignals() as signals:
+            trainer.run(signals, show_progress)
+        return run_dir
     finally:
         logging.getLogger("mt").removeHandler(file_log)
         file_log.close()
 
 
-def _train(config: Config, run_dir: Path, resume: bool, show_progress: bool | None) -> Path:
-    tc = config.train
-    device = resolve_device(config)
-    amp = autocast_dtype(config, device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    save_config(config, run_dir / checkpoint.CONFIG)
-    data = prepare_data(config, run_dir)
+class Trainer:
+    """The model, optimizer, data and progress of one run, and the loop that trains it."""
 
-    model = Transformer(config.model, data.tokenizer.vocab_size).to(device)
-    log.info("model: %s parameters, device %s, %s", f"{model.num_parameters():,}", device,
-             "bf16 autocast" if amp else "fp32")
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr, betas=tc.adam_betas, eps=1e-9, fused=device.type == "cuda",
-    )
-    progress = Progress()
-    if resume:
-        state = checkpoint.load(run_dir / checkpoint.LAST, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = Progress(**state["progress"])
+    def __init__(self, config: Config, run_dir: Path, resume: bool):
+        tc = self.tc = config.train
+        self.config, self.run_dir = config, run_dir
+        self.device = resolve_device(config)
+        self.amp = autocast_dtype(config, self.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        save_config(config, run_dir / checkpoint.CONFIG)
+        self.data = prepare_data(config, run_dir)
+        self.model = Transformer(config.model, self.data.tokenizer.vocab_size).to(self.device)
+        log.info("model: %s parameters, device %s, %s", f"{self.model.num_parameters():,}", self.device,
+                 "bf16 autocast" if self.amp else "fp32")
+        params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() > 1], "weight_decay": tc.weight_decay},
+             {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+            lr=tc.lr, betas=tc.adam_betas, eps=1e-9, fused=self.device.type == "cuda",
+        )
+        self.progress = Progress()
+        if resume:
+            self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
+        self.rows = self.data.train.with_format(None, columns=["src_ids", "tgt_ids"])
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log.info("resuming %s at step %d (epoch %d)", run_dir, progress.step, progress.epoch + 1)
+        log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.progress.step, self.progress.epoch + 1)
 
-    def save_last() -> None:
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "progress": asdict(progress), "rng": _rng_state(), "config": config_to_dict(config)},
-                        run_dir / checkpoint.LAST)
+    def finished(self) -> bool:
+        tc, p = self.tc, self.progress
+        return bool((tc.max_steps and p.step >= tc.max_steps)
+                    or (tc.max_epochs and p.epoch >= tc.max_epochs)
+                    or (tc.max_minutes and p.seconds >= tc.max_minutes * 60)
+                    or (tc.patience and p.bad_validations >= tc.patience))
 
-    def finished() -> bool:
-        return bool((tc.max_steps and progress.step >= tc.max_steps)
-                    or (tc.max_epochs and progress.epoch >= tc.max_epochs)
-                    or (tc.max_minutes and progress.seconds >= tc.max_minutes * 60))
+    def run(self, signals: _StopSignals, show_progress: bool | None) -> None:
+        tc, p = self.tc, self.progress
+        bar = tqdm(total=tc.max_steps or None, initial=p.step, unit="step", dynamic_ncols=True, desc="train",
+                   disable=(not show_progress) if show_progress is not None else None)
+        self.model.train()
+        last_validated = p.step
+        window = _Window(self.device)
+        clock = time.perf_counter()
+        try:
+            while not self.finished():
+                batches = make_batches(self.data.src_len, self.data.tgt_len, tc.batch_tokens, seed=tc.seed + p.epoch)
+                if len(batches) < tc.accumulate:
+                    raise DataError(f"the training data makes {len(batches)} batches, fewer than train.accumulate="
+                                    f"{tc.accumulate}; lower train.accumulate or train.batch_tokens")
+                for first in range(p.batch_in_epoch, len(batches) - tc.accumulate + 1, tc.accumulate):
+                    loss, tokens, lr = self.step(batches[first : first + tc.accumulate])
+                    p.batch_in_epoch = first + tc.accumulate
+                    window.add(loss, tokens)
+                    now = time.perf_counter()  # training time includes validation: the wall time the run costs
+                    p.seconds, clock = p.seconds + now - clock, now
+                    bar.update(1)
+                    if p.step % tc.log_every == 0:
+                        record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(), "lr": lr,
+                                  "seconds": round(p.seconds, 1)}
+                        checkpoint.append_metrics(self.run_dir, record)
+                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
+                                        bleu=f"{max(p.best_bleu, 0):.1f}")
+                    if p.step % tc.valid_every == 0 or self.finished():
+                        self.validate_and_save()
+                        last_validated = p.step
+                        now = time.perf_counter()
+                        p.seconds, clock = p.seconds + now - clock, now
+                        window.flush()
+                    if signals.received:
+                        self.save_last()
+                        raise Interrupted(f"stopped by {signals.received} at step {p.step}; checkpoint saved. "
+                                          f"Resume with: mt train --config {self.run_dir / checkpoint.CONFIG} --resume")
+                    if self.finished():
+                        break
+                else:
+                    p.epoch += 1
+                    p.batch_in_epoch = 0
+                    log.info("epoch %d done at step %d", p.epoch, p.step)
+        except KeyboardInterrupt:  # a second signal: stop at once, keeping the last checkpoint
+            raise Interrupted(f"stopped at once at step {p.step}; the last saved checkpoint is kept. Resume with: "
+                              f"mt train --config {self.run_dir / checkpoint.CONFIG} --resume") from None
+        finally:
+            bar.close()
+        if last_validated != p.step:
+            self.validate_and_save()
+        log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", p.step, p.seconds, p.best_bleu,
+                 p.best_step)
 
-    train_rows = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
-    bar = tqdm(total=tc.max_steps or None, initial=progress.step, unit="step", dynamic_ncols=True,
-               disable=(not show_progress) if show_progress is not None else None, desc="train")
-    model.train()
-    last_validated = progress.step
-    window_tokens, window_loss = 0, torch.zeros((), device=device)
-    window_start = clock = time.perf_counter()
+    def step(self, batch_indices: list[np.ndarray]) -> tuple[torch.Tensor, int, float]:
+        """One update from `accumulate` batches. Returns the summed loss (a tensor: reading it would wait
+        for the device), the target tokens and the learning rate.
 
-    def tick() -> None:  # training time includes validation: it is the wall time the run costs
-        nonlocal clock
-        now = time.perf_counter()
-        progress.seconds += now - clock
-        clock = now
+        Raises:
+            MtError: on CUDA out-of-memory, or after `train.max_nonfinite` non-finite updates in a row.
+        """
+        tc, p = self.tc, self.progress
+        batches = []
+        for idx in batch_indices:
+            rows = self.rows[idx]
+            batches.append(collate(rows["src_ids"], rows["tgt_ids"]).to(self.device))
+        lr = tc.lr * inverse_sqrt_schedule(p.step + 1, tc.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = sum(b.target_tokens for b in batches)
+        total = torch.zeros((), device=self.device)
+        try:
+            for batch in batches:
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    loss, _ = loss_fn(self.model, batch, tc.label_smoothing)
+                (loss / tokens).backward()
+                total += loss.detach()
+        except torch.OutOfMemoryError:
+            raise MtError(f"CUDA out of memory at step {p.step + 1} with train.batch_tokens={tc.batch_tokens}; "
+                          "lower train.batch_tokens (and raise train.accumulate to keep the batch size)") from None
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm or float("inf"))
+        if torch.isfinite(norm):
+            self.optimizer.step()
+            p.nonfinite_in_a_row = 0
+        else:
+            p.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite gradient, update skipped (%d in a row)", p.step + 1,
+                        p.nonfinite_in_a_row)
+            if p.nonfinite_in_a_row >= tc.max_nonfinite:
+                raise MtError(f"{p.nonfinite_in_a_row} non-finite updates in a row at step {p.step + 1}; stopping. "
+                              f"The last good checkpoint is {self.run_dir / checkpoint.LAST}; lower train.lr "
+                              "or raise train.warmup_steps")
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        return total, tokens, lr
 
-    try:
-        while not finished():
-            batches = make_batches(data.src_len, data.tgt_len, tc.batch_tokens, seed=tc.seed + progress.epoch)
-            if len(batches) < tc.accumulate:
-                raise DataError(f"the training data makes {len(batches)} batches, fewer than "
-                                f"train.accumulate={tc.accumulate}; lower train.accumulate or train.batch_tokens")
-            for first in range(progress.batch_in_epoch, len(batches) - tc.accumulate + 1, tc.accumulate):
-                step_batches = []
-                for idx in batches[first : first + tc.accumulate]:
-                    rows = train_rows[idx]
-                    step_batches.append(collate(rows["src_ids"], rows["tgt_ids"]).to(device))
-                lr = tc.lr * inverse_sqrt_schedule(progress.step + 1, tc.warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                tokens = sum(b.target_tokens for b in step_batches)
-                for batch in step_batches:
-                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                        loss, _ = loss_fn(model, batch, tc.label_smoothing)
-                    (loss / tokens).backward()
-                    window_loss += loss.detach()
-                if tc.clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                progress.batch_in_epoch = first + tc.accumulate
-                window_tokens += tokens
-                tick()
-                bar.update(1)
-                if progress.step % tc.log_every == 0:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": progress.step, "epoch": progress.epoch + 1,
-                              "train_loss": float(window_loss) / window_tokens, "lr": lr,
-                              "tokens_per_s": window_tokens / elapsed, "seconds": round(progress.seconds, 1)}
-                    checkpoint.append_metrics(run_dir, record)
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}", epoch=progress.epoch + 1)
-                    window_tokens, window_start = 0, time.perf_counter()
-                    window_loss.zero_()
-                if progress.step % tc.valid_every == 0 or finished():
-                    _validate_and_save(model, data, config, device, amp, progress, run_dir)
-                    tick()
-                    save_last()
-                    last_validated = progress.step
-                    window_tokens, window_start = 0, time.perf_counter()
-                    window_loss.zero_()
-                if finished():
-                    break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                log.info("epoch %d done at step %d", progress.epoch, progress.step)
-    except KeyboardInterrupt:
-        bar.close()
-        save_last()
-        raise MtError(f"interrupted at step {progress.step}; checkpoint saved. Resume with: "
-                      f"mt train --config {run_dir / checkpoint.CONFIG} --resume") from None
-    bar.close()
-    if last_validated != progress.step:
-        _validate_and_save(model, data, config, device, amp, progress, run_dir)
-    save_last()
-    log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", progress.step,
-             progress.seconds, progress.best_bleu, progress.best_step)
-    return run_dir
+    def validate_and_save(self) -> None:
+        p = self.progress
+        started = time.perf_counter()
+        metrics = validate(self.model, self.data, self.config, self.device, self.amp)
+        record = {"step": p.step, "epoch": p.epoch + 1, **metrics,
+                  "validation_seconds": round(time.perf_counter() - started, 2)}
+        checkpoint.append_metrics(self.run_dir, record)
+        improved = metrics["valid_bleu"] > p.best_bleu
+        if improved:
+            p.best_bleu, p.best_step, p.bad_validations = metrics["valid_bleu"], p.step, 0
+            checkpoint.save({"model": self.model.state_dict(), "step": p.step, "valid_bleu": metrics["valid_bleu"]},
+                            self.run_dir / checkpoint.BEST)
+        else:
+            p.bad_validations += 1
+        log.info("step %d: valid loss %.3f, valid BLEU %.2f%s", p.step, metrics["valid_loss"], metrics["valid_bleu"],
+                 " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step})")
+        if self.tc.patience and p.bad_validations >= self.tc.patience:
+            log.info("early stopping: no better validation BLEU in %d validations", p.bad_validations)
+        self.save_last()
+
+    def save_last(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "progress": asdict(self.progress), "rng": _rng_state(), "config": config_to_dict(self.config)}
+        checkpoint.save_numbered(state, self.run_dir, self.progress.step, keep=self.tc.keep_checkpoints)
 
 
-def _validate_and_save(model, data, config, device, amp, progress: Progress, run_dir: Path) -> None:
-    started = time.perf_counter()
-    metrics = validate(model, data, config, device, amp)
-    record = {"step": progress.step, "epoch": progress.epoch + 1, **metrics,
-              "validation_seconds": time.perf_counter() - started}
-    checkpoint.append_metrics(run_dir, record)
-    improved = metrics["valid_bleu"] > progress.best_bleu
-    if improved:
-        progress.best_bleu, progress.best_step = metrics["valid_bleu"], progress.step
-        checkpoint.save({"model": model.state_dict(), "step": progress.step, "valid_bleu": metrics["valid_bleu"]},
-                        run_dir / checkpoint.BEST)
-    message = (f"step {progress.step}: valid loss {metrics['valid_loss']:.3f}, valid BLEU {metrics['valid_bleu']:.2f}"
-               + (" (best)" if improved else f" (best {progress.best_bleu:.2f} at step {progress.best_step})"))
-    log.info(message)
+class _Window:
+    """Training loss and tokens/s over the steps since the last flush, summed on the device."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss += loss
+        self.tokens += tokens
+
+    def flush(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        out = {"train_loss": float(self.loss) / max(self.tokens, 1), "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
+        self.loss.zero_()
+        self.tokens, self.start = 0, time.perf_counter()
+        return out

@@ -124,3 +124,25 @@ def test_help_lists_the_commands_with_examples():
         assert command in result.stdout
     for command in ("train", "translate", "eval"):
         assert "Example" in run(command, "--help").stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mt", "train", "--config", TINY, "--quiet", "--set", "train.max_steps=100000",
+         "--set", "train.log_every=1", "--set", "train.valid_every=100000"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    metrics = in_tmp / "runs" / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    from mt import checkpoint
+
+    assert checkpoint.load(in_tmp / "runs" / "tiny" / "last.pt")["progress"]["step"] >= 3

@@ -79,6 +79,12 @@ def save_numbered(state: dict[str, Any], run_dir: Path, step: int, keep: int) ->
         old.unlink(missing_ok=True)
 
 
+def remove_partial_files(run_dir: Path) -> None:
+    """Deletes temporary files that a run killed while saving left behind."""
+    for path in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.link")]:
+        path.unlink(missing_ok=True)
+
+
 def numbered_checkpoints(run_dir: Path) -> list[Path]:
     """The step_*.pt checkpoints of a run, newest first."""
     return sorted(run_dir.glob("step_*.pt"), reverse=True)

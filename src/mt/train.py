@@ -106,6 +106,7 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
             if getattr(saved, section) != getattr(config, section):
                 raise ConfigError(f"cannot resume {run_dir}: the {section} section differs from the run's "
                                   f"{checkpoint.CONFIG}; resume with the same config or train a new run")
+        checkpoint.remove_partial_files(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:

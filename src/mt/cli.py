@@ -169,6 +169,38 @@ def evaluate(
             typer.echo(f"  {s['metric']:<5} {s['score']:6.2f}  {s['signature']}")
 
 
+@app.command()
+@_errors_exit_2
+def bench(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key (repeatable).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Trained run for the decoding measurements "
+                                             "(default: the most recent one in runs/, if any).")] = None,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds of timed training for each model.")] = 60,
+    sentences: Annotated[int, typer.Option(min=1, help="Test sentences to decode.")] = 1000,
+    test: Annotated[str | None, typer.Option(help="Test set for decoding (default: the config's data.test).")] = None,
+    runs_dir: RunsDirOption = Path("runs"),
+) -> None:
+    """Measure speed side by side: matmul roof, training (ours vs nn.Transformer), decoding (cache vs
+    recompute), peak memory; print one table.
+
+    Example: MT_DATA_PATH=../shared/data mt bench --config configs/multi30k.yaml --run runs/multi30k
+    """
+    from mt.bench import format_table, run_benchmark
+    from mt.checkpoint import latest_run
+    from mt.config import load_config
+    from mt.errors import CheckpointError
+
+    _setup_logging(quiet=True)
+    cfg = load_config(config, overrides or [])
+    if run is None:
+        try:
+            run = latest_run(runs_dir)
+        except CheckpointError:
+            run = None
+    typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test)))
+
+
 def _corpus_arg(text: str) -> str | dict[str, str]:
     """`name:split`, or `SRC|REF` for a pair of files."""
     src, sep, ref = text.strip().partition("|")

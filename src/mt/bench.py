@@ -1,0 +1,297 @@
+"""Side-by-side speed measurements in one process, on one machine:
+
+1. the roof: a large matrix product in the training dtype, in FLOP/s;
+2. training throughput of the config's model on real length-bucketed batches (tokens/s, share of real
+   tokens, model FLOP/s, MFU = model FLOP/s ÷ roof);
+3. the same for a model of the same size built from `torch.nn.Transformer`, trained the plain way (fp32,
+   random batches of sentences, logits for every position), and the ratio ours ÷ reference;
+4. decoding a test set with greedy and beam search: ours (KV cache, batched, length-sorted) against the
+   same search recomputing the whole prefix every step, and the ratios;
+5. peak memory (RSS on the CPU, allocated on CUDA).
+
+Model FLOPs count the real (non-padding) tokens only: padding is work the hardware does, not the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mt import checkpoint, corpora
+from mt.config import Config, ModelConfig
+from mt.data import Batch, collate, make_batches, read_pairs
+from mt.layers import SinusoidalPositions
+from mt.model import Transformer
+from mt.tokenizer import PAD
+from mt.train import autocast_dtype, loss_fn, prepare_data, resolve_device
+from mt.translate import Translator, translate_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One line of the benchmark table."""
+
+    what: str
+    value: float
+    unit: str
+    note: str = ""
+
+
+def matmul_roof(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
+    """FLOP/s of a size × size matrix product in `dtype`, the best of repeated timings."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, deadline = math.inf, time.perf_counter() + seconds
+    for _ in range(3):  # warm-up
+        a @ b
+    while time.perf_counter() < deadline:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size**3 / best
+
+
+def training_flops(config: ModelConfig, vocab: int, src_len: np.ndarray, tgt_len: np.ndarray) -> float:
+    """Forward + backward FLOPs (3 × forward) of the model over sentences with these token counts (EOS and
+    BOS included), counting matrix products only and causal self-attention as half a square."""
+    d, f = config.d_model, config.d_ff
+    s, t = src_len.astype(np.float64), tgt_len.astype(np.float64)
+    encoder = config.encoder_layers * (s * (8 * d * d + 4 * d * f) + 4 * s * s * d)
+    decoder = config.decoder_layers * (t * (8 * d * d + 4 * d * d + 4 * d * f) + s * 4 * d * d
+                                       + 2 * t * t * d + 4 * t * s * d)
+    output = t * 2 * d * vocab
+    return float(3 * (encoder + decoder + output).sum())
+
+
+class ReferenceTransformer(nn.Module):
+    """The same model built the plain way from `torch.nn.Transformer`: logits for every target position."""
+
+    def __init__(self, config: ModelConfig, vocab: int):
+        super().__init__()
+        self.d_model = config.d_model
+        self.embed = nn.Embedding(vocab, config.d_model, padding_idx=PAD)
+        self.positions = SinusoidalPositions(config.d_model, config.max_positions)
+        self.transformer = nn.Transformer(
+            config.d_model, config.heads, config.encoder_layers, config.decoder_layers, config.d_ff,
+            config.dropout, batch_first=True, norm_first=config.norm == "pre",
+        )
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        def embed(x):
+            return self.embed(x) * math.sqrt(self.d_model) + self.positions(x.size(1))
+
+        causal = torch.ones(tgt.size(1), tgt.size(1), dtype=torch.bool, device=tgt.device).triu(1)  # True = masked
+        out = self.transformer(embed(src), embed(tgt), tgt_mask=causal, src_key_padding_mask=src == PAD,
+                               tgt_key_padding_mask=tgt == PAD, memory_key_padding_mask=src == PAD)
+        return out @ self.embed.weight.t()
+
+
+def measure_training(
+    step: Callable[[Batch], None], batches: list[Batch], seconds: float, device: torch.device
+) -> tuple[float, int, list[Batch]]:
+    """Runs `step` over `batches` (cycling) for about `seconds` after 3 warm-up steps.
+
+    Returns:
+        Elapsed seconds, steps taken and the batches measured.
+    """
+    for batch in batches[:3]:
+        step(batch)
+    _sync(device)
+    done: list[Batch] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = batches[(3 + len(done)) % len(batches)]
+        step(batch)
+        done.append(batch)
+    _sync(device)
+    return time.perf_counter() - start, len(done), done
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss, amp: torch.dtype | None,
+                device: torch.device) -> Callable[[Batch], None]:
+    def step(batch: Batch) -> None:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = compute_loss(model, batch)
+        (loss / batch.target_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _reference_loss(model: ReferenceTransformer, batch: Batch) -> torch.Tensor:
+    logits = model(batch.src, batch.tgt_in)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(), ignore_index=PAD,
+                           label_smoothing=0.1, reduction="sum")
+
+
+def _real_share(batches: list[Batch]) -> float:
+    real = sum(int((b.src != PAD).sum() + (b.tgt_out != PAD).sum()) for b in batches)
+    padded = sum(b.src.numel() + b.tgt_out.numel() for b in batches)
+    return real / padded
+
+
+def _batch_lengths(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    return (batch.src != PAD).sum(1).numpy(), (batch.tgt_out != PAD).sum(1).numpy()
+
+
+def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, sentences: int = 1000,
+                  test: str | None = None) -> list[Row]:
+    """Measures everything listed in the module docstring and returns the table's rows."""
+    device = resolve_device(config)
+    amp = autocast_dtype(config, device)
+    rows: list[Row] = []
+    roof_dtype = amp or torch.float32
+    size = 8192 if device.type == "cuda" else 2048
+    scale, flop_unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
+    roof = matmul_roof(device, roof_dtype, size)
+    rows.append(Row(f"roof: {size}² matmul, {str(roof_dtype).removeprefix('torch.')}", roof / scale, flop_unit,
+                    _device_name(device)))
+    if amp is not None:
+        fp32_roof = matmul_roof(device, torch.float32, size)
+        rows.append(Row(f"roof: {size}² matmul, float32", fp32_roof / scale, flop_unit))
+
+    # Real length-bucketed batches, tokenized with the run's tokenizer when there is one.
+    workdir = Path(tempfile.mkdtemp(prefix="mt-bench-"))
+    try:
+        if run_dir is not None and (run_dir / checkpoint.TOKENIZER).is_file():
+            shutil.copy(run_dir / checkpoint.TOKENIZER, workdir / checkpoint.TOKENIZER)
+        data = prepare_data(config, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    vocab = data.tokenizer.vocab_size
+    rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
+    index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, seed=config.train.seed)
+    n_batches = min(len(index_batches), 400)
+    ours_batches = [collate(*_columns(rows_data, idx)) for idx in index_batches[:n_batches]]
+    per_batch = int(np.mean([len(b) for b in index_batches]))
+    shuffled = np.random.default_rng(config.train.seed).permutation(len(data.src_len))
+    ref_batches = [collate(*_columns(rows_data, shuffled[i : i + per_batch]))
+                   for i in range(0, min(len(shuffled), per_batch * n_batches), per_batch)]
+
+    torch.manual_seed(config.train.seed)
+    model = Transformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step = _train_step(model, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)
+    elapsed, steps, done = measure_training(step, ours_batches, seconds, device)
+    peak = _peak_memory(device)
+    ours_tokens = sum(b.target_tokens for b in done) / elapsed
+    flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
+    rows += [
+        Row("train ours: target tokens/s", ours_tokens, "tok/s", f"{steps} steps, {config.train.batch_tokens} "
+            f"tokens/batch, {'bf16 autocast' if amp else 'fp32'}"),
+        Row("train ours: real (non-pad) share", 100 * _real_share(done), "%", "source + target"),
+        Row("train ours: model FLOP/s", flops / scale, flop_unit),
+        Row("train ours: MFU", 100 * flops / roof, "%", "model FLOP/s ÷ roof"),
+        Row("train ours: peak memory", peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
+    ]
+    del model, optimizer
+    torch.manual_seed(config.train.seed)
+    reference = ReferenceTransformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4)
+    step = _train_step(reference, optimizer, _reference_loss, None, device)
+    elapsed, steps, done = measure_training(step, ref_batches, seconds, device)
+    ref_tokens = sum(b.target_tokens for b in done) / elapsed
+    ref_flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
+    rows += [
+        Row("train nn.Transformer: target tokens/s", ref_tokens, "tok/s",
+            f"{steps} steps, fp32, random batches of {per_batch} sentences"),
+        Row("train nn.Transformer: real (non-pad) share", 100 * _real_share(done), "%"),
+        Row("train nn.Transformer: MFU", 100 * ref_flops / roof, "%"),
+        Row("train speed-up, ours ÷ nn.Transformer", ours_tokens / ref_tokens, "×"),
+    ]
+    del reference, optimizer
+    if run_dir is None:
+        rows.append(Row("decoding", math.nan, "", "skipped: no trained run (pass --run)"))
+        return rows
+    rows += _decoding_rows(run_dir, config, device, test or _default_test(config), sentences)
+    return rows
+
+
+def _columns(rows_data, idx) -> tuple[list[list[int]], list[list[int]]]:
+    rows = rows_data[idx]
+    return rows["src_ids"], rows["tgt_ids"]
+
+
+def _default_test(config: Config) -> str:
+    return config.data.test if isinstance(config.data.test, str) else "multi30k:test_2016_flickr"
+
+
+def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: str, sentences: int) -> list[Row]:
+    translator = Translator.load(run_dir, device=str(device))
+    files = corpora.resolve(test, config.data.src_lang, config.data.tgt_lang)
+    sources = translator.tokenizer.encode(read_pairs(files)[0][:sentences])
+    rows = []
+    for beam in (1, 5):
+        decode = replace(translator.config.decode, beam_size=beam)
+        speeds = {}
+        outputs = {}
+        for use_cache in (True, False):
+            translate_ids(translator.model, sources[:8], decode, use_cache=use_cache)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            hyps = translate_ids(translator.model, sources, decode, use_cache=use_cache)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(h[0].tokens) + 1 for h in hyps)
+            speeds[use_cache] = len(sources) / elapsed
+            outputs[use_cache] = [h[0].tokens for h in hyps]
+            name = "ours (KV cache)" if use_cache else "recompute prefix"
+            rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} {name}: sentences/s", speeds[use_cache],
+                            "sent/s", f"{len(sources)} sentences of {files.name}, {tokens / elapsed:.0f} tokens/s"))
+        same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
+        rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} speed-up, cache ÷ recompute",
+                        speeds[True] / speeds[False], "×", f"identical outputs: {same}/{len(sources)}"))
+    return rows
+
+
+def _peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max(len(r.what) for r in rows)
+    lines = [f"| {'measure':<{width}} | {'value':>10} | unit    | note |",
+             f"|{'-' * (width + 2)}|-----------:|---------|------|"]
+    for r in rows:
+        value = "—" if math.isnan(r.value) else f"{r.value:,.2f}" if r.value < 100 else f"{r.value:,.0f}"
+        lines.append(f"| {r.what:<{width}} | {value:>10} | {r.unit:<7} | {r.note} |")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Reading, checking, filtering and batching parallel text."""
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -90,3 +91,46 @@ def test_collate_adds_bos_eos_and_pads():
     assert batch.tgt_in.tolist() == [[BOS, 9, PAD], [BOS, 10, 11]]
     assert batch.tgt_out.tolist() == [[9, EOS, PAD], [10, 11, EOS]]
     assert batch.target_tokens == 5
+
+
+def test_cleaning_normalises_and_removes_duplicates(tmp_path):
+    from mt.data import clean_pairs, normalize_text
+
+    assert normalize_text("  L\u2019homme  dit\u00a0: \u00ab\u202fBonjour\u202f\u00bb ") == "L'homme dit : \" Bonjour \""
+    assert normalize_text("e\u0301te\u0301") == "été"  # NFC
+    src = ["Un chat.", "Un  chat.", "Un chien.", "Un chat."]
+    tgt = ["A cat.", "A cat.", "A dog.", "A cat!"]
+    files = CorpusFiles("toy", *write_pair(tmp_path, "toy", src, tgt))
+    ds, report = clean_pairs(load_corpus(files))
+    assert (report.total, report.normalized, report.duplicates) == (4, 1, 1)
+    assert list(zip(ds["src"], ds["tgt"], strict=True)) == [("Un chat.", "A cat."), ("Un chien.", "A dog."),
+                                                           ("Un chat.", "A cat!")]
+
+
+def test_corpus_lists_with_repeats():
+    from mt.corpora import parse_corpus_list
+
+    assert parse_corpus_list(["multi30k:train*3", {"src": "a", "tgt": "b", "repeat": 2}, "tatoeba:train"]) == [
+        ("multi30k:train", 3), ({"src": "a", "tgt": "b"}, 2), ("tatoeba:train", 1)]
+    with pytest.raises(ValueError, match="repeat count"):
+        parse_corpus_list("multi30k:train*x")
+
+
+def test_mixture_is_cleaned_per_corpus_then_repeated(tmp_path, monkeypatch):
+    from mt.config import load_config
+    from mt.train import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    lines = [f"phrase numéro {i} ici" for i in range(40)]
+    write_pair(tmp_path / "data" / "one", "train", lines + lines[:5], [s.upper() for s in lines + lines[:5]])
+    write_pair(tmp_path / "data" / "two", "train", lines[:10], lines[:10])
+    write_pair(tmp_path / "data" / "one", "valid", lines[:3], lines[:3])
+    config = load_config(None, ["data.train=[one:train, two:train*3]", "data.valid=one:valid",
+                                "tokenizer.vocab_size=45", "data.max_ratio=10"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = prepare_data(config, run_dir)
+    assert len(data.train) == 40 + 3 * 10
+    stats = json.loads((run_dir / "data.json").read_text())
+    assert stats["train"] == ["one:train", "two:train*3"]
+    assert [c["duplicates"] for c in stats["cleaning"]] == [5, 0]

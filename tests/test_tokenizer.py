@@ -27,3 +27,8 @@ def test_vocabulary_too_large_for_the_corpus():
 def test_empty_corpus():
     with pytest.raises(DataError, match="no text"):
         Tokenizer.train(["", "  "], vocab_size=50)
+
+
+def test_vocabulary_too_small_for_the_characters():
+    with pytest.raises(DataError, match=r"vocab_size=20 is too small .*raise tokenizer\.vocab_size"):
+        Tokenizer.train(LINES, vocab_size=20)

@@ -23,6 +23,9 @@ from mt.errors import ConfigError
 CorpusSpec = str | dict[str, str]
 """A corpus: `name:split` (e.g. `multi30k:train`) or `{src: PATH, tgt: PATH}` for an aligned pair of files."""
 
+CorpusList = str | dict[str, str] | list
+"""One corpus spec or a list of them, each optionally repeated: `multi30k:train*3` or `{..., repeat: 3}`."""
+
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
     """A config field with its help text (shown in the README's reference) and an allowed range."""
@@ -31,7 +34,8 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: CorpusSpec = option("multi30k:train", "training corpus: `name:split` or `{src: PATH, tgt: PATH}`")
+    train: CorpusList = option("multi30k:train", "training corpus: `name:split`, `{src: PATH, tgt: PATH}`, or a "
+                               "list of them; `name:split*N` repeats one N times")
     valid: CorpusSpec = option("multi30k:valid", "validation corpus (loss, BLEU, early stopping)")
     test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`")
     src_lang: str = option("fr", "file suffix of the source side")
@@ -39,6 +43,8 @@ class DataConfig:
     max_pairs: int = option(0, "use only the first N training pairs (0 = all)", min=0)
     max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1)
     max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this", min=1.0)
+    normalize: bool = option(True, "NFC, whitespace, apostrophes and quotes normalised (training data and input)")
+    dedupe: bool = option(True, "remove exact duplicate training pairs (within each corpus)")
 
 
 @dataclass(frozen=True)
@@ -230,11 +236,11 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
 
     origin = typing.get_origin(hint)
-    if hint is CorpusSpec:
-        from mt.corpora import parse_corpus  # late import: corpora needs no config
+    if hint is CorpusSpec or hint is CorpusList:
+        from mt.corpora import parse_corpus, parse_corpus_list  # late import: corpora needs no config
 
         try:
-            parse_corpus(value)
+            parse_corpus_list(value) if hint is CorpusList else parse_corpus(value)
         except ValueError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
         return value

@@ -3,7 +3,8 @@
 A corpus is named `name:split` (`multi30k:train`, `tatoeba:test`) and lives in a folder `name/` holding
 `<split>.<lang>` or `<split>.<lang>.gz`. Folders are searched in this order: `data/` under the current
 directory, then each folder of the `MT_DATA_PATH` environment variable (separated by `:`).
-A corpus may also be an explicit pair of files, `{src: PATH, tgt: PATH}`.
+A corpus may also be an explicit pair of files, `{src: PATH, tgt: PATH}`. A training corpus may be a list
+of corpora, each repeated (up-sampled) N times with `name:split*N` or `{src: ..., tgt: ..., repeat: N}`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,40 @@ class CorpusFiles:
     name: str
     src: Path
     tgt: Path
+
+
+def split_repeat(spec: object) -> tuple[object, int]:
+    """`name:split*N` or `{..., repeat: N}` -> (the spec without the repeat, N); N is 1 when absent.
+
+    Raises:
+        ValueError: if N is not a positive integer.
+    """
+    if isinstance(spec, str) and "*" in spec:
+        base, _, times = spec.rpartition("*")
+        if not times.isdigit() or int(times) < 1:
+            raise ValueError(f"'{spec}': the repeat count after '*' must be a positive integer")
+        return base, int(times)
+    if isinstance(spec, dict) and "repeat" in spec:
+        times = spec["repeat"]
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"repeat must be a positive integer, got {times!r}")
+        return {k: v for k, v in spec.items() if k != "repeat"}, times
+    return spec, 1
+
+
+def parse_corpus_list(spec: object) -> list[tuple[object, int]]:
+    """A corpus spec or a list of them, each with its repeat count, checked.
+
+    Raises:
+        ValueError: naming the first malformed entry.
+    """
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs:
+        raise ValueError("the list of corpora is empty")
+    parsed = [split_repeat(s) for s in specs]
+    for base, _ in parsed:
+        parse_corpus(base)
+    return parsed
 
 
 def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path]:

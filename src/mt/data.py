@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,63 @@ def load_corpus(files: CorpusFiles, max_pairs: int = 0):
     if max_pairs and len(ds) > max_pairs:
         ds = ds.select(range(max_pairs))
     return ds
+
+
+# Typographic apostrophes, quotes and spaces, mapped to the plain ASCII ones.
+_PLAIN = str.maketrans({
+    "\u2019": "'", "\u2018": "'", "\u201b": "'", "\u02bc": "'", "\u00b4": "'",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u00a0": " ", "\u202f": " ", "\u2009": " ",
+})
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, plain apostrophes and quotes, single spaces, no spaces at the ends."""
+    return " ".join(unicodedata.normalize("NFC", text).translate(_PLAIN).split())
+
+
+def _normalize_batch(batch: dict[str, list[str]]) -> dict[str, list]:
+    src = [normalize_text(t) for t in batch["src"]]
+    tgt = [normalize_text(t) for t in batch["tgt"]]
+    changed = [a != x or b != y for a, b, x, y in zip(src, tgt, batch["src"], batch["tgt"], strict=True)]
+    return {"src": src, "tgt": tgt, "changed": changed}
+
+
+@dataclass(frozen=True)
+class CleanReport:
+    """What cleaning did to a corpus."""
+
+    total: int
+    normalized: int  # pairs changed by normalisation
+    duplicates: int  # exact duplicate pairs removed
+
+    def describe(self) -> str:
+        return (f"{self.total} pairs read; normalisation changed {self.normalized}; "
+                f"removed {self.duplicates} exact duplicates")
+
+
+def clean_pairs(ds, normalize: bool = True, dedupe: bool = True):
+    """Normalises the text of both sides (see `normalize_text`) and removes exact duplicate pairs.
+
+    Returns:
+        The cleaned dataset and a CleanReport.
+    """
+    total, changed, duplicates = len(ds), 0, 0
+    if normalize:
+        ds = ds.map(_normalize_batch, batched=True, batch_size=10_000)
+        changed = int(sum(ds["changed"]))
+        ds = ds.remove_columns("changed")
+    if dedupe:
+        seen: set[tuple[str, str]] = set()
+        keep = []
+        for i, pair in enumerate(zip(ds["src"], ds["tgt"], strict=True)):
+            if pair not in seen:
+                seen.add(pair)
+                keep.append(i)
+        duplicates = total - len(keep)
+        if duplicates:
+            ds = ds.select(keep)
+    return ds, CleanReport(total, changed, duplicates)
 
 
 def tokenize(ds, tokenizer: Tokenizer):

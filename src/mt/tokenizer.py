@@ -69,6 +69,11 @@ class Tokenizer:
             )
         except RuntimeError as e:
             message = " ".join(str(e).split())
+            if "smaller than required_chars" in message:
+                raise DataError(
+                    f"tokenizer.vocab_size={vocab_size} is too small for the characters of this training corpus: "
+                    f"{message}; raise tokenizer.vocab_size or lower tokenizer.character_coverage"
+                ) from None
             if "Vocabulary size" in message or "vocab_size" in message:
                 raise DataError(
                     f"tokenizer.vocab_size={vocab_size} is too large for this training corpus "

@@ -26,7 +26,17 @@ from tqdm import tqdm
 
 from mt import checkpoint, corpora
 from mt.config import Config, config_to_dict, load_config, save_config
-from mt.data import Batch, collate, filter_pairs, lengths, load_corpus, make_batches, tokenize
+from mt.data import (
+    Batch,
+    clean_pairs,
+    collate,
+    filter_pairs,
+    lengths,
+    load_corpus,
+    make_batches,
+    normalize_text,
+    tokenize,
+)
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
@@ -119,14 +129,26 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
 
 def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     """Reads, tokenizes and filters the corpora; trains the tokenizer unless the run already has one."""
+    import datasets
+
     data = config.data
-    train_files = corpora.resolve(data.train, data.src_lang, data.tgt_lang)
+    parts, names, cleaning = [], [], []
+    for spec, repeat in corpora.parse_corpus_list(data.train):
+        files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
+        log.info("reading %s (%s, %s)", files.name, files.src, files.tgt)
+        corpus = load_corpus(files, data.max_pairs)
+        if len(corpus) == 0:
+            raise DataError(f"training corpus {files.name} is empty")
+        corpus, report = clean_pairs(corpus, data.normalize, data.dedupe)
+        log.info("%s: %s%s", files.name, report.describe(), f"; repeated {repeat} times" if repeat > 1 else "")
+        parts += [corpus] * repeat
+        names.append(files.name + (f"*{repeat}" if repeat > 1 else ""))
+        cleaning.append({"corpus": files.name, "repeat": repeat, **asdict(report)})
+    train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)
-    log.info("reading %s (%s, %s)", train_files.name, train_files.src, train_files.tgt)
-    train = load_corpus(train_files, data.max_pairs)
     valid = load_corpus(valid_files)
-    if len(train) == 0:
-        raise DataError(f"training corpus {train_files.name} is empty")
+    if data.normalize:
+        valid = valid.map(_normalize_source, batched=True)
     tokenizer_path = run_dir / checkpoint.TOKENIZER
     if tokenizer_path.is_file():
         tokenizer = Tokenizer.load(tokenizer_path)
@@ -140,15 +162,20 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     train, report = filter_pairs(tokenize(train, tokenizer), data.max_tokens, data.max_ratio)
     log.info("training data: %s", report.describe())
     if report.kept == 0:
-        raise DataError(f"no training pairs left after filtering {train_files.name} "
+        raise DataError(f"no training pairs left after filtering {' + '.join(names)} "
                         f"(data.max_tokens={data.max_tokens}, data.max_ratio={data.max_ratio})")
     valid = tokenize(valid, tokenizer)
     src_len, tgt_len = lengths(train)
-    stats = {"train": train_files.name, "valid": valid_files.name, "filter": asdict(report),
+    stats = {"train": names, "valid": valid_files.name, "cleaning": cleaning, "filter": asdict(report),
              "valid_pairs": len(valid), "vocab_size": tokenizer.vocab_size,
              "train_src_tokens": int(src_len.sum()), "train_tgt_tokens": int(tgt_len.sum())}
     (run_dir / checkpoint.DATA_STATS).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     return PreparedData(tokenizer, train, valid, src_len, tgt_len)
+
+
+def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+    # Validation sources are normalised as translation input is; references stay as they are.
+    return {"src": [normalize_text(t) for t in batch["src"]]}
 
 
 def loss_fn(model: Transformer, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:

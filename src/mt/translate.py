@@ -15,7 +15,7 @@ import torch
 
 from mt import checkpoint
 from mt.config import Config, DecodeConfig, load_config
-from mt.data import collate
+from mt.data import collate, normalize_text
 from mt.errors import CheckpointError
 from mt.model import Transformer
 from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
@@ -111,10 +111,11 @@ class Translator:
         decode = self.config.decode
         if beam_size is not None:
             decode = replace(decode, beam_size=beam_size)
-        sources = self.tokenizer.encode([" ".join(t.split()) for t in texts])
+        clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
+        sources = self.tokenizer.encode([clean(t) for t in texts])
         hyps = translate_ids(self.model, sources, decode, nbest=nbest)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             lines = self.tokenizer.decode([h.tokens for h in options])
-            outputs.append([""] if not text.strip() else lines)
+            outputs.append([""] if not text.strip() else [" ".join(line.split()) for line in lines])
         return outputs

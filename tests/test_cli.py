@@ -76,13 +76,14 @@ def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
 
 
 def one_line_error(result, pattern):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
+    """Exit code 2, no traceback, and the error on one line (after any progress messages)."""
     import re
 
-    assert re.search(pattern, lines[0]), lines[0]
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert re.search(pattern, errors[0]), errors[0]
 
 
 def test_misspelt_config_key(tmp_path, monkeypatch):
@@ -146,3 +147,30 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):
     from mt import checkpoint
 
     assert checkpoint.load(in_tmp / "runs" / "tiny" / "last.pt")["progress"]["step"] >= 3
+
+
+def test_average_and_tune(trained, monkeypatch, data_path):
+    import shutil
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    shutil.copytree("runs/tiny", "runs/tuned")
+    result = run("average", "--run", "runs/tuned", "--last", 2)
+    assert result.exit_code == 0, result.output
+    from mt import checkpoint
+
+    averaged = checkpoint.load(Path("runs/tuned/averaged.pt"))
+    parts = [checkpoint.load(Path("runs/tuned") / name)["model"] for name in averaged["averaged"]]
+    name = "embed.weight"
+    torch_mean = (parts[0][name] + parts[1][name]) / 2
+    assert (averaged["model"][name] - torch_mean).abs().max() < 1e-6
+    assert run("translate", "--run", "runs/tuned", "--weights", "averaged.pt", "Un chat.").exit_code == 0
+    one_line_error(run("average", "--run", "runs/tuned", "--last", 9), r"fewer than --last 9")
+    result = run("tune", "--run", "runs/tuned", "--beams", "1,2", "--penalties", "0.5,1.5")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 4  # beam 1 once, beam 2 twice, and the summary
+    from mt.config import load_config
+
+    decode = load_config(Path("runs/tuned/config.yaml")).decode
+    best = result.stdout.splitlines()[0].split()
+    assert (decode.beam_size, decode.length_penalty) == (int(best[1]), float(best[4]))

@@ -6,6 +6,7 @@
         last.pt           model, optimizer, schedule, data position, random state: what resume needs
         step_NNNNNNN.pt   the same at earlier validations (the newest `train.keep_checkpoints`)
         best.pt           the model weights with the best validation BLEU, for translation
+        averaged.pt       the mean of the last N numbered checkpoints (`mt average`, `train.average_last`)
         metrics.jsonl     one JSON object per log or validation event
         data.json         what data preparation read and removed
         train.log         the training log
@@ -24,7 +25,7 @@ import torch
 
 from mt.errors import CheckpointError
 
-CONFIG, TOKENIZER, LAST, BEST = "config.yaml", "tokenizer.model", "last.pt", "best.pt"
+CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
 METRICS, DATA_STATS, LOG = "metrics.jsonl", "data.json", "train.log"
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,30 @@ def load_newest_valid(run_dir: Path, map_location: str | torch.device = "cpu") -
             log.warning("%s; resuming from %s instead", "; ".join(problems), path.name)
         return state
     raise CheckpointError(f"cannot resume {run_dir}: no checkpoint loads ({'; '.join(problems)})")
+
+
+def average(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the model weights in these checkpoints (Vaswani et al., 2017, section 6.1).
+
+    Raises:
+        CheckpointError: if a checkpoint does not load or the models differ in shape.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        model = load(path)["model"]
+        if total and model.keys() != total.keys():
+            raise CheckpointError(f"{path} holds a different model from {paths[0]}")
+        for name, tensor in model.items():
+            if name not in total:
+                total[name], dtypes[name] = tensor.double(), tensor.dtype
+            elif total[name].shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, not {tuple(total[name].shape)}")
+            else:
+                total[name] += tensor.double()
+    return {name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()}
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

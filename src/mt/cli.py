@@ -28,6 +28,9 @@ RunOption = Annotated[
     Path | None, typer.Option("--run", help="Run folder (default: the most recent one in runs/).")
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where to look for the most recent run.")]
+WeightsOption = Annotated[
+    str | None, typer.Option("--weights", help="Checkpoint file in the run folder (default: best.pt).")
+]
 BeamOption = Annotated[int | None, typer.Option("--beam", min=1, help="Beam size (1 = greedy; default: the run's).")]
 
 
@@ -105,6 +108,7 @@ def translate(
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file.")] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    weights: WeightsOption = None,
 ) -> None:
     """Translate French to English: one output line per input line, in order.
 
@@ -118,7 +122,7 @@ def translate(
     _setup_logging(quiet=True)
     if text is not None and input is not None:
         raise MtError("give either TEXT or --input, not both")
-    translator = Translator.load(run or latest_run(runs_dir), device=device)
+    translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
     if text is not None:
         lines = [text]
     elif input is not None:
@@ -141,6 +145,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     runs_dir: RunsDirOption = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    weights: WeightsOption = None,
 ) -> None:
     """Translate test sets and score them with sacreBLEU (BLEU, chrF), printing the signatures.
 
@@ -158,7 +163,7 @@ def evaluate(
         tests = [{"src": str(src), "tgt": str(ref)}]
     else:
         tests = [_corpus_arg(item) for item in test.split(",")] if test else None
-    results = evaluate_run(run or latest_run(runs_dir), tests, beam_size=beam, device=device)
+    results = evaluate_run(run or latest_run(runs_dir), tests, beam_size=beam, device=device, weights=weights)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
@@ -167,6 +172,63 @@ def evaluate(
                    f"hypotheses in {result['hypotheses']})")
         for s in result["scores"]:
             typer.echo(f"  {s['metric']:<5} {s['score']:6.2f}  {s['signature']}")
+
+
+@app.command()
+@_errors_exit_2
+def average(
+    run: RunOption = None,
+    last: Annotated[int, typer.Option(min=2, help="How many of the newest numbered checkpoints to average.")] = 3,
+    runs_dir: RunsDirOption = Path("runs"),
+) -> None:
+    """Average the weights of a run's last N checkpoints into averaged.pt (use it with --weights averaged.pt).
+
+    Example: mt average --run runs/multi30k --last 3 && mt eval --run runs/multi30k --weights averaged.pt
+    """
+    from mt import checkpoint
+
+    run_dir = run or checkpoint.latest_run(runs_dir)
+    paths = checkpoint.numbered_checkpoints(run_dir)[:last]
+    if len(paths) < last:
+        raise MtError(f"{run_dir} has {len(paths)} numbered checkpoints, fewer than --last {last}; "
+                      "raise train.keep_checkpoints to keep more")
+    checkpoint.save({"model": checkpoint.average(paths), "averaged": [p.name for p in paths]},
+                    run_dir / checkpoint.AVERAGED)
+    typer.echo(f"averaged {', '.join(p.name for p in paths)} into {run_dir / checkpoint.AVERAGED}")
+
+
+@app.command()
+@_errors_exit_2
+def tune(
+    run: RunOption = None,
+    beams: Annotated[str, typer.Option(help="Beam sizes to try, comma-separated.")] = "1,4,5,8",
+    penalties: Annotated[str, typer.Option(help="Length penalties to try, comma-separated.")] = "0.6,1.0,1.4",
+    runs_dir: RunsDirOption = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    weights: WeightsOption = None,
+) -> None:
+    """Choose beam size and length penalty by BLEU on the run's valid set; store them as its defaults.
+
+    Example: mt tune --run runs/multi30k --beams 4,5,8 --penalties 0.8,1.0,1.2
+    """
+    from mt.checkpoint import latest_run
+    from mt.evaluate import tune_run
+
+    try:
+        beam_list = [int(b) for b in beams.split(",")]
+        penalty_list = [float(p) for p in penalties.split(",")]
+    except ValueError:
+        raise MtError(f"--beams takes integers and --penalties numbers, comma-separated; got {beams!r}, "
+                      f"{penalties!r}") from None
+    if min(beam_list) < 1 or min(penalty_list) < 0:
+        raise MtError("beam sizes must be >= 1 and length penalties >= 0")
+    run_dir = run or latest_run(runs_dir)
+    results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
+    for r in results:
+        typer.echo(f"beam {r['beam_size']:>2}  length penalty {r['length_penalty']:.2f}  BLEU {r['bleu']:6.2f}")
+    best = results[0]
+    typer.echo(f"stored in {run_dir}/config.yaml: decode.beam_size={best['beam_size']}, "
+               f"decode.length_penalty={best['length_penalty']}")
 
 
 @app.command()

@@ -92,6 +92,10 @@ class TrainConfig:
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
     patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)
+    average_last: int = option(0, "at the end, average the last N numbered checkpoints; kept as best.pt if "
+                               "its validation BLEU is higher (0 = off; needs keep_checkpoints >= N)", min=0)
+    tune_decoding: bool = option(False, "at the end, choose beam size and length penalty on the valid set and "
+                                 "store them as the run's decode defaults")
     max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
 
 
@@ -224,6 +228,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         else:
             values[name] = _check(value, hint, known[name].metadata, f"{prefix}{name}", source)
     config = cls(**values)
+    if cls is TrainConfig and config.average_last > config.keep_checkpoints:
+        raise ConfigError(f"{source}: train.average_last ({config.average_last}) must be <= "
+                          f"train.keep_checkpoints ({config.keep_checkpoints})")
     if cls is ModelConfig and config.d_model % config.heads:
         raise ConfigError(f"{source}: model.heads ({config.heads}) must divide model.d_model ({config.d_model})")
     return config

@@ -7,7 +7,7 @@ Scores are computed on detokenized text against one reference per sentence, sacr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -38,9 +38,44 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return BLEU().corpus_score(list(hypotheses), [list(references)]).score
 
 
+def tune_decoding(translator, sources: Sequence[str], references: Sequence[str], beams: Sequence[int],
+                  penalties: Sequence[float]) -> list[dict]:
+    """BLEU of every beam size × length penalty on a held-out set (beam 1 once: it has no penalty).
+
+    Returns:
+        One dict per setting (beam_size, length_penalty, bleu), best first.
+    """
+    results = []
+    for beam in beams:
+        for penalty in penalties if beam > 1 else penalties[:1]:
+            hypotheses = translator.translate(list(sources), beam_size=beam, length_penalty=penalty)
+            results.append({"beam_size": beam, "length_penalty": penalty, "bleu": bleu(hypotheses, references)})
+    return sorted(results, key=lambda r: r["bleu"], reverse=True)
+
+
+def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], device: str = "auto",
+             weights: str | None = None) -> list[dict]:
+    """Chooses the beam size and length penalty with the best BLEU on the run's validation set and stores
+    them as the run's decoding defaults (the `decode` section of its config.yaml)."""
+    from mt import checkpoint, corpora
+    from mt.config import save_config
+    from mt.data import read_pairs
+    from mt.translate import Translator
+
+    translator = Translator.load(run_dir, device=device, weights=weights)
+    config = translator.config
+    files = corpora.resolve(config.data.valid, config.data.src_lang, config.data.tgt_lang)
+    sources, references = read_pairs(files)
+    results = tune_decoding(translator, sources, references, beams, penalties)
+    best = results[0]
+    decode = replace(config.decode, beam_size=best["beam_size"], length_penalty=best["length_penalty"])
+    save_config(replace(config, decode=decode), Path(run_dir) / checkpoint.CONFIG)
+    return results
+
+
 def evaluate_run(
     run_dir: Path, tests: Sequence[str | dict[str, str]] | None = None, beam_size: int | None = None,
-    device: str = "auto",
+    device: str = "auto", weights: str | None = None,
 ) -> list[dict]:
     """Translates each test corpus with the run's model, scores it and writes the hypotheses to
     `run_dir/eval/`.
@@ -55,7 +90,7 @@ def evaluate_run(
     from mt.data import read_pairs
     from mt.translate import Translator
 
-    translator = Translator.load(run_dir, device=device)
+    translator = Translator.load(run_dir, device=device, weights=weights)
     data = translator.config.data
     beam = beam_size or translator.config.decode.beam_size
     out_dir = Path(run_dir) / "eval"

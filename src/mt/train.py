@@ -45,6 +45,9 @@ from mt.translate import translate_ids
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BEAMS = (1, 4, 5, 8)
+DEFAULT_PENALTIES = (0.6, 1.0, 1.4)
+
 
 @dataclass
 class Progress:
@@ -135,7 +138,7 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
-        log.info("reading %s (%s, %s)", files.name, files.src, files.tgt)
+        log.info("reading %s", files.name if str(files.src) in files.name else f"{files.name} ({files.src}, {files.tgt})")
         corpus = load_corpus(files, data.max_pairs)
         if len(corpus) == 0:
             raise DataError(f"training corpus {files.name} is empty")
@@ -267,6 +270,12 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         trainer = Trainer(config, run_dir, resume)
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)
+        if config.train.tune_decoding:
+            from mt.evaluate import tune_run
+
+            best = tune_run(run_dir, DEFAULT_BEAMS, DEFAULT_PENALTIES, device=str(trainer.device))[0]
+            log.info("decoding defaults chosen on the valid set: beam %d, length penalty %.1f (BLEU %.2f)",
+                     best["beam_size"], best["length_penalty"], best["bleu"])
         return run_dir
     finally:
         logging.getLogger("mt").removeHandler(file_log)
@@ -367,6 +376,8 @@ class Trainer:
             bar.close()
         if last_validated != p.step:
             self.validate_and_save()
+        if tc.average_last:
+            self.average_checkpoints(tc.average_last)
         log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", p.step, p.seconds, p.best_bleu,
                  p.best_step)
 
@@ -431,6 +442,32 @@ class Trainer:
         if self.tc.patience and p.bad_validations >= self.tc.patience:
             log.info("early stopping: no better validation BLEU in %d validations", p.bad_validations)
         self.save_last()
+
+    def average_checkpoints(self, n: int) -> None:
+        """Averages the last `n` numbered checkpoints into averaged.pt; it becomes best.pt if it validates
+        better."""
+        paths = checkpoint.numbered_checkpoints(self.run_dir)[:n]
+        if len(paths) < 2:
+            log.info("averaging skipped: only %d numbered checkpoint(s)", len(paths))
+            return
+        averaged = checkpoint.average(paths)
+        trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(averaged)
+        metrics = validate(self.model, self.data, self.config, self.device, self.amp)
+        self.model.load_state_dict(trained)
+        p = self.progress
+        record = {"step": p.step, "averaged": [path.name for path in paths], **metrics}
+        checkpoint.append_metrics(self.run_dir, record)
+        state = {"model": averaged, "step": p.step, "valid_bleu": metrics["valid_bleu"],
+                 "averaged": [path.name for path in paths]}
+        checkpoint.save(state, self.run_dir / checkpoint.AVERAGED)
+        better = metrics["valid_bleu"] > p.best_bleu
+        log.info("average of %d checkpoints: valid BLEU %.2f (%s best %.2f)", len(paths), metrics["valid_bleu"],
+                 "better than" if better else "not better than", p.best_bleu)
+        if better:
+            checkpoint.save(state, self.run_dir / checkpoint.BEST)
+            p.best_bleu = metrics["valid_bleu"]
+            self.save_last()
 
     def save_last(self) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -74,8 +74,9 @@ class Translator:
         self.model, self.tokenizer, self.config = model, tokenizer, config
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> Translator:
-        """Loads `best.pt` (or `last.pt` when no validation has run yet) from a run folder.
+    def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None) -> Translator:
+        """Loads a run folder's model: `weights` names the checkpoint file in it (default `best.pt`, or
+        `last.pt` when no validation has run yet).
 
         Raises:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
@@ -87,8 +88,8 @@ class Translator:
             raise CheckpointError(f"{run_dir} is not a run folder: it has no {checkpoint.CONFIG}")
         config = load_config(run_dir / checkpoint.CONFIG)
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
-        path = run_dir / checkpoint.BEST
-        if not path.is_file():
+        path = run_dir / (weights or checkpoint.BEST)
+        if weights is None and not path.is_file():
             path = run_dir / checkpoint.LAST
         state = checkpoint.load(path)
         model = Transformer(config.model, tokenizer.vocab_size)
@@ -101,16 +102,22 @@ class Translator:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model.to(device).eval(), tokenizer, config)
 
-    def translate(self, texts: Sequence[str], beam_size: int | None = None) -> list[str]:
-        """Translates each text; an empty or blank text gives an empty line."""
-        return [hyps[0] for hyps in self.translate_nbest(texts, beam_size=beam_size, nbest=1)]
+    def translate(self, texts: Sequence[str], beam_size: int | None = None,
+                  length_penalty: float | None = None) -> list[str]:
+        """Translates each text; an empty or blank text gives an empty line. Decoding settings default to
+        the run's `decode` section."""
+        return [hyps[0] for hyps in self.translate_nbest(texts, beam_size, length_penalty, nbest=1)]
 
     def translate_nbest(
-        self, texts: Sequence[str], beam_size: int | None = None, nbest: int = 1
+        self, texts: Sequence[str], beam_size: int | None = None, length_penalty: float | None = None,
+        nbest: int = 1,
     ) -> list[list[str]]:
+        """The `nbest` best translations of each text, best first (one for greedy search)."""
         decode = self.config.decode
         if beam_size is not None:
             decode = replace(decode, beam_size=beam_size)
+        if length_penalty is not None:
+            decode = replace(decode, length_penalty=length_penalty)
         clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
         sources = self.tokenizer.encode([clean(t) for t in texts])
         hyps = translate_ids(self.model, sources, decode, nbest=nbest)

@@ -96,7 +96,8 @@ def test_collate_adds_bos_eos_and_pads():
 def test_cleaning_normalises_and_removes_duplicates(tmp_path):
     from mt.data import clean_pairs, normalize_text
 
-    assert normalize_text("  L\u2019homme  dit\u00a0: \u00ab\u202fBonjour\u202f\u00bb ") == "L'homme dit : \" Bonjour \""
+    text = "  L\u2019homme  dit\u00a0: \u00ab\u202fBonjour\u202f\u00bb "
+    assert normalize_text(text) == "L'homme dit : \" Bonjour \""
     assert normalize_text("e\u0301te\u0301") == "été"  # NFC
     src = ["Un chat.", "Un  chat.", "Un chien.", "Un chat."]
     tgt = ["A cat.", "A cat.", "A dog.", "A cat!"]

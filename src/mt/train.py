@@ -138,7 +138,8 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
-        log.info("reading %s", files.name if str(files.src) in files.name else f"{files.name} ({files.src}, {files.tgt})")
+        where = "" if str(files.src) in files.name else f" ({files.src}, {files.tgt})"
+        log.info("reading %s%s", files.name, where)
         corpus = load_corpus(files, data.max_pairs)
         if len(corpus) == 0:
             raise DataError(f"training corpus {files.name} is empty")

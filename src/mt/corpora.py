@@ -3,13 +3,21 @@
 A corpus is named `name:split` (`multi30k:train`, `tatoeba:test`) and lives in a folder `name/` holding
 `<split>.<lang>` or `<split>.<lang>.gz`. Folders are searched in this order: `data/` under the current
 directory, then each folder of the `MT_DATA_PATH` environment variable (separated by `:`).
+A named corpus that is found nowhere is downloaded from its public source into `data/` (Multi30k from its
+GitHub repository, pinned to a commit), checked against the SHA-256 of each file, and written atomically.
+
 A corpus may also be an explicit pair of files, `{src: PATH, tgt: PATH}`. A training corpus may be a list
 of corpora, each repeated (up-sampled) N times with `name:split*N` or `{src: ..., tgt: ..., repeat: N}`.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
+import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +26,34 @@ from mt.errors import DataError
 KNOWN = {
     "multi30k": ("train", "valid", "test_2016_flickr", "test_2017_flickr", "test_2017_mscoco"),
     "tatoeba": ("train", "valid", "test"),
+}
+
+_MULTI30K = "https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw"
+
+
+@dataclass(frozen=True)
+class Download:
+    """Where one file of a named corpus comes from, and the SHA-256 of the file as `mt` stores it
+    (decompressed, each line stripped of surrounding whitespace)."""
+
+    url: str
+    sha256: str
+
+
+DOWNLOADS: dict[str, Download] = {
+    f"multi30k/{split}.{lang}": Download(f"{_MULTI30K}/{'val' if split == 'valid' else split}.{lang}.gz", sha)
+    for (split, lang), sha in {
+        ("train", "en"): "460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6",
+        ("train", "fr"): "b47e97734763b5252a979d767955c270f2c93e9e79f8ef063f71088a26e3c5a9",
+        ("valid", "en"): "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+        ("valid", "fr"): "05f2ed05aa5bf06567b3d7ad3121f6346ebd909265383dc79dbe08ef707b7bc2",
+        ("test_2016_flickr", "en"): "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182",
+        ("test_2016_flickr", "fr"): "57a705a12ffb81f3da3539798bdaaaa8f2df5824de3a84e0f4ea378dab959b62",
+        ("test_2017_flickr", "en"): "ce1450ddc5ab0834502579d77a170849952e15a2938b34cc503bdc25ebb4fb98",
+        ("test_2017_flickr", "fr"): "57ee019ef4b802206799177fe667097dcd32fd031a92e86938fcbfea97f727f8",
+        ("test_2017_mscoco", "en"): "43051fdfa86fd5395182e718a94ca67b1b227b9f7c79596ff0f6b813216981d2",
+        ("test_2017_mscoco", "fr"): "7f2688662c891f60e8a1e6d27ea1986cd71efe75aef55fd383cc2bd4b4c23a67",
+    }.items()
 }
 
 
@@ -112,6 +148,10 @@ def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusF
         if all(found):
             return CorpusFiles(f"{name}:{split}", found[0], found[1])
         looked.append(str(folder / name))
+    keys = [f"{name}/{split}.{lang}" for lang in (src_lang, tgt_lang)]
+    if all(key in DOWNLOADS for key in keys):
+        src, tgt = (download(key) for key in keys)
+        return CorpusFiles(f"{name}:{split}", src, tgt)
     known = KNOWN.get(name)
     extra = (f"; known splits of {name}: {', '.join(known)}" if known
              else f"; known corpora: {', '.join(KNOWN)}")
@@ -126,3 +166,40 @@ def _find(path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def download(key: str, folder: Path = Path("data"), timeout: float = 30.0) -> Path:
+    """Fetches one file of a named corpus into `folder` (e.g. data/multi30k/train.fr), checks its SHA-256,
+    and renames it into place only then: a failed or interrupted download leaves nothing behind.
+
+    Raises:
+        DataError: if the source cannot be reached or the file does not match its checksum.
+    """
+    source = DOWNLOADS[key]
+    target = folder / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(source.url, timeout=timeout) as response:
+            raw = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(f"cannot download {key} from {source.url} ({reason}); put the file in {target.parent}/ "
+                        f"or set MT_DATA_PATH to a folder that holds {target.parent.name}/") from None
+    try:
+        data = gzip.decompress(raw) if source.url.endswith(".gz") else raw
+    except (OSError, EOFError) as e:
+        raise DataError(f"download of {key} from {source.url} is not a valid gzip file ({e})") from None
+    text = b"".join(line.strip() + b"\n" for line in data.splitlines())
+    digest = hashlib.sha256(text).hexdigest()
+    if digest != source.sha256:
+        raise DataError(f"checksum mismatch for {key} downloaded from {source.url}: expected sha256 "
+                        f"{source.sha256}, got {digest}; nothing was written")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

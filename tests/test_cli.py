@@ -174,3 +174,65 @@ def test_average_and_tune(trained, monkeypatch, data_path):
     decode = load_config(Path("runs/tuned/config.yaml")).decode
     best = result.stdout.splitlines()[0].split()
     assert (decode.beam_size, decode.length_penalty) == (int(best[1]), float(best[4]))
+
+
+def test_nbest_json(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    result = run("translate", "--json", "--nbest", 3, input="Un chat.\nDeux chiens courent.\n")
+    assert result.exit_code == 0, result.output
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["source"] for o in objects] == ["Un chat.", "Deux chiens courent."]
+    for o in objects:
+        scores = [t["score"] for t in o["translations"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+        assert all(isinstance(t["text"], str) for t in o["translations"])
+
+
+def test_interactive_prompt(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    expected = run("translate", "Un chat.").stdout
+    result = run("translate", "--interactive", input="Un chat.\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected
+    assert result.stderr.count("fr> ") == 2  # asked again, then EOF ends it
+
+
+def test_attention_grid_has_a_panel_per_layer_and_head(trained, monkeypatch):
+    from mt import plots
+    from mt.translate import Translator
+
+    monkeypatch.chdir(trained)
+    result = run("translate", "Un homme joue de la guitare.", "--attention", "a.png")
+    assert result.exit_code == 0, result.output
+    assert Path("a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    translator = Translator.load("runs/tiny")
+    [best] = translator.translate_nbest(["Un homme joue."])
+    weights = translator.cross_attention("Un homme joue.", best[0].tokens)
+    layers, heads = translator.config.model.decoder_layers, translator.config.model.heads
+    assert weights.shape[:2] == (layers, heads)
+    torch_sum = weights.sum(-1)
+    assert (torch_sum - 1).abs().max() < 1e-4  # each row is a distribution over the source
+    fig = plots.attention_figure(weights, ["s"] * weights.shape[3], ["o"] * weights.shape[2])
+    assert len(fig.axes) == layers * heads
+    assert {ax.get_xlabel() for ax in fig.axes} == {"source (French)"}
+    assert {ax.get_ylabel() for ax in fig.axes} == {"output (English)"}
+    one = plots.attention_figure(weights, ["s"] * weights.shape[3], ["o"] * weights.shape[2], layer=1, head=0)
+    assert len(one.axes) == 1 and one.axes[0].get_title() == "layer 2, head 1"
+    one_line_error(run("translate", "Un chat.", "--attention", "b.png", "--layer", 9), r"--layer 9 is out of range: the model has 2 layers")
+
+
+def test_plot_runs_and_info(trained, monkeypatch):
+    from mt import plots
+
+    monkeypatch.chdir(trained)
+    result = run("plot", "runs/tiny", "-o", "curves.png")
+    assert result.exit_code == 0, result.output
+    assert Path("curves.png").read_bytes()[:4] == b"\x89PNG"
+    fig = plots.training_figure([Path("runs/tiny")])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["training loss (label-smoothed)", "validation loss", "validation BLEU (greedy)"]
+    assert all(ax.get_lines() for ax in fig.axes)
+    listing = run("runs")
+    assert listing.exit_code == 0 and "tiny" in listing.stdout
+    details = run("info", "runs/tiny")
+    assert details.exit_code == 0 and "parameters:" in details.stdout and "vocabulary: 600" in details.stdout

@@ -106,6 +106,14 @@ def translate(
     run: RunOption = None,
     beam: BeamOption = None,
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file.")] = None,
+    nbest: Annotated[int, typer.Option(min=1, help="Print the N best translations of each line (with scores).")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input line.")] = False,
+    attention: Annotated[Path | None, typer.Option(help="Draw the cross-attention of TEXT's translation into "
+                                                   "this PNG: one panel per layer and head.")] = None,
+    layer: Annotated[int | None, typer.Option(min=1, help="With --attention: only this layer (1-based).")] = None,
+    head: Annotated[int | None, typer.Option(min=1, help="With --attention: only this head (1-based).")] = None,
+    interactive: Annotated[bool, typer.Option(help="Prompt for sentences (the default when stdin is a "
+                                              "terminal and no text is given).")] = False,
     runs_dir: RunsDirOption = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     weights: WeightsOption = None,
@@ -113,7 +121,8 @@ def translate(
     """Translate French to English: one output line per input line, in order.
 
     Examples: mt translate "Un chien court dans l'herbe." --beam 5;
-    mt translate --input news.fr > news.en;  cat news.fr | mt translate
+    mt translate --input news.fr > news.en;  cat news.fr | mt translate --json --nbest 3;
+    mt translate "Un homme joue de la guitare." --attention attention.png
     """
     from mt.checkpoint import latest_run
     from mt.data import read_lines
@@ -122,15 +131,149 @@ def translate(
     _setup_logging(quiet=True)
     if text is not None and input is not None:
         raise MtError("give either TEXT or --input, not both")
+    if attention is not None and text is None:
+        raise MtError("--attention draws one sentence: give it as TEXT")
+    if (layer is not None or head is not None) and attention is None:
+        raise MtError("--layer and --head go with --attention")
     translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
+    if nbest > 1 and (beam or translator.config.decode.beam_size) < nbest:
+        beam = nbest  # n-best lists come from the beam
+
+    def emit(lines: list[str]) -> None:
+        for line, options in zip(lines, translator.translate_nbest(lines, beam, nbest=nbest), strict=True):
+            if as_json:
+                typer.echo(json.dumps({"source": line, "translations": [
+                    {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
+            elif nbest > 1:
+                typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
+            else:
+                typer.echo(options[0].text)
+
     if text is not None:
-        lines = [text]
+        emit([text])
+        if attention is not None:
+            _draw_attention(translator, text, attention, layer, head, beam)
     elif input is not None:
-        lines = read_lines(input)
+        emit(read_lines(input))
+    elif interactive or sys.stdin.isatty():
+        typer.echo("French → English. Type a sentence and press Enter; Ctrl-D to quit.", err=True)
+        while True:
+            try:
+                line = input_line("fr> ")
+            except EOFError:
+                break
+            emit([line])
     else:
-        lines = [line.rstrip("\n") for line in sys.stdin]
-    for line in translator.translate(lines, beam_size=beam):
-        typer.echo(line)
+        chunk: list[str] = []
+        for line in sys.stdin:  # streams: translated in chunks as lines arrive
+            chunk.append(line.rstrip("\n"))
+            if len(chunk) == 64:
+                emit(chunk)
+                sys.stdout.flush()
+                chunk = []
+        if chunk:
+            emit(chunk)
+
+
+def input_line(prompt: str) -> str:
+    """One line typed by the user (raises EOFError at the end of input)."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        sys.stderr.write("\n")
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def _draw_attention(translator, text: str, path: Path, layer: int | None, head: int | None,
+                    beam: int | None) -> None:
+    from mt import plots
+    from mt.tokenizer import EOS
+
+    [best] = translator.translate_nbest([text], beam, nbest=1)
+    tokens = best[0].tokens
+    weights = translator.cross_attention(text, tokens)
+    source = translator.tokenizer.pieces(translator.encode([text])[0] + [EOS])
+    output = translator.tokenizer.pieces(tokens + [EOS])
+    fig = plots.attention_figure(weights, source, output, None if layer is None else layer - 1,
+                                 None if head is None else head - 1)
+    plots.save(fig, path)
+    typer.echo(f"attention drawn in {path}", err=True)
+
+
+@app.command()
+@_errors_exit_2
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to draw (overlaid).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("training.png"),
+) -> None:
+    """Draw training loss, validation loss and validation BLEU against steps for one or more runs.
+
+    Example: mt plot runs/multi30k runs/tiny -o curves.png
+    """
+    from mt import plots
+
+    plots.save(plots.training_figure(runs), output)
+    typer.echo(f"wrote {output}")
+
+
+@app.command("runs")
+@_errors_exit_2
+def list_runs(runs_dir: RunsDirOption = Path("runs")) -> None:
+    """List the runs in runs/ with their last step, best validation BLEU and date.
+
+    Example: mt runs --runs-dir runs
+    """
+    import datetime
+
+    from mt import checkpoint
+
+    folders = sorted(p for p in runs_dir.glob("*") if (p / checkpoint.CONFIG).is_file()) if runs_dir.is_dir() else []
+    if not folders:
+        raise MtError(f"no runs in {runs_dir}/; train one with `mt train`")
+    typer.echo(f"{'run':<24} {'step':>7} {'best BLEU':>9}  {'last change':<16}  folder")
+    for folder in folders:
+        records = checkpoint.read_metrics(folder)
+        step = max((r["step"] for r in records), default=0)
+        bleus = [r["valid_bleu"] for r in records if "valid_bleu" in r]
+        best = f"{max(bleus):.2f}" if bleus else "-"
+        changed = max(p.stat().st_mtime for p in folder.iterdir())
+        when = datetime.datetime.fromtimestamp(changed).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{folder.name:<24} {step:>7} {best:>9}  {when:<16}  {folder}")
+
+
+@app.command()
+@_errors_exit_2
+def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: the most recent).")] = None,
+         runs_dir: RunsDirOption = Path("runs")) -> None:
+    """Print a run's config, parameter count, vocabulary size and data statistics.
+
+    Example: mt info runs/multi30k
+    """
+    import yaml
+
+    from mt import checkpoint
+    from mt.config import config_to_dict, load_config
+    from mt.model import Transformer
+    from mt.tokenizer import Tokenizer
+
+    run_dir = run or checkpoint.latest_run(runs_dir)
+    if not (run_dir / checkpoint.CONFIG).is_file():
+        raise MtError(f"{run_dir} is not a run folder: it has no {checkpoint.CONFIG}")
+    config = load_config(run_dir / checkpoint.CONFIG)
+    tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
+    params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
+    typer.echo(f"run: {run_dir}\nparameters: {params:,}\nvocabulary: {tokenizer.vocab_size} SentencePiece pieces")
+    stats = run_dir / checkpoint.DATA_STATS
+    if stats.is_file():
+        typer.echo("data: " + json.dumps(json.loads(stats.read_text(encoding="utf-8"))))
+    records = checkpoint.read_metrics(run_dir)
+    bleus = [r for r in records if "valid_bleu" in r]
+    if bleus:
+        best = max(bleus, key=lambda r: r["valid_bleu"])
+        typer.echo(f"best validation BLEU: {best['valid_bleu']:.2f} at step {best['step']}")
+    typer.echo("config:\n" + yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True).rstrip())
 
 
 @app.command("eval")

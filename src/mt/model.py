@@ -78,10 +78,19 @@ class Transformer(nn.Module):
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) target ids (BOS first) -> decoder states (B, T, E); position t sees targets <= t only."""
+        return self._decode(tgt, memory, memory_mask, need_weights=False)[0]
+
+    def cross_attention(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Each decoder layer's cross-attention weights, (B, H, T, S), when reading `tgt` (BOS first)."""
+        return self._decode(tgt, memory, memory_mask, need_weights=True)[1]
+
+    def _decode(self, tgt, memory, memory_mask, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.embed_tokens(tgt)
+        weights = []
         for layer in self.decoder_layers:
-            x, _ = layer(x, memory, memory_mask)
-        return self.decoder_norm(x)
+            x, w = layer(x, memory, memory_mask, need_weights=need_weights)
+            weights.append(w)
+        return self.decoder_norm(x), weights
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""

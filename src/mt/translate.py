@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -106,23 +106,50 @@ class Translator:
                   length_penalty: float | None = None) -> list[str]:
         """Translates each text; an empty or blank text gives an empty line. Decoding settings default to
         the run's `decode` section."""
-        return [hyps[0] for hyps in self.translate_nbest(texts, beam_size, length_penalty, nbest=1)]
+        return [options[0].text for options in self.translate_nbest(texts, beam_size, length_penalty, nbest=1)]
 
     def translate_nbest(
         self, texts: Sequence[str], beam_size: int | None = None, length_penalty: float | None = None,
         nbest: int = 1,
-    ) -> list[list[str]]:
+    ) -> list[list[Translation]]:
         """The `nbest` best translations of each text, best first (one for greedy search)."""
         decode = self.config.decode
         if beam_size is not None:
             decode = replace(decode, beam_size=beam_size)
         if length_penalty is not None:
             decode = replace(decode, length_penalty=length_penalty)
-        clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
-        sources = self.tokenizer.encode([clean(t) for t in texts])
+        sources = self.encode(texts)
         hyps = translate_ids(self.model, sources, decode, nbest=nbest)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
+            if not text.strip():
+                outputs.append([Translation("", 0.0, [])])
+                continue
             lines = self.tokenizer.decode([h.tokens for h in options])
-            outputs.append([""] if not text.strip() else [" ".join(line.split()) for line in lines])
+            outputs.append([Translation(" ".join(line.split()), h.score, h.tokens)
+                            for line, h in zip(lines, options, strict=True)])
         return outputs
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of input texts, normalised the way the training data was."""
+        clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
+        return self.tokenizer.encode([clean(t) for t in texts])
+
+    @torch.no_grad()
+    def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:
+        """Cross-attention weights of every decoder layer and head while producing `output_tokens`
+        from `text`: (layers, heads, output tokens + EOS, source tokens + EOS)."""
+        device = next(self.model.parameters()).device
+        batch = collate(self.encode([text]), [output_tokens]).to(device)
+        memory, mask = self.model.encode(batch.src)
+        weights = self.model.cross_attention(batch.tgt_in, memory, mask)
+        return torch.stack([w[0] for w in weights]).float().cpu()
+
+
+@dataclass
+class Translation:
+    """One translation of one input: the text, its search score and its token ids."""
+
+    text: str
+    score: float
+    tokens: list[int]

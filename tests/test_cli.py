@@ -218,7 +218,8 @@ def test_attention_grid_has_a_panel_per_layer_and_head(trained, monkeypatch):
     assert {ax.get_ylabel() for ax in fig.axes} == {"output (English)"}
     one = plots.attention_figure(weights, ["s"] * weights.shape[3], ["o"] * weights.shape[2], layer=1, head=0)
     assert len(one.axes) == 1 and one.axes[0].get_title() == "layer 2, head 1"
-    one_line_error(run("translate", "Un chat.", "--attention", "b.png", "--layer", 9), r"--layer 9 is out of range: the model has 2 layers")
+    one_line_error(run("translate", "Un chat.", "--attention", "b.png", "--layer", 9),
+                   r"--layer 9 is out of range: the model has 2 layers")
 
 
 def test_plot_runs_and_info(trained, monkeypatch):

@@ -46,8 +46,9 @@ def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     logger.handlers = [h for h in logger.handlers if not isinstance(h, _TqdmHandler)]
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)  # train.log gets INFO even when quiet
     logger.propagate = False
 
 

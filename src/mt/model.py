@@ -96,10 +96,12 @@ class Transformer(nn.Module):
         """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""
         return states @ self.embed.weight.t()
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """(B, S) source and (B, T) target-input ids -> (B, T, V) logits."""
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N positions
+        where the boolean (B, T) `where` is True (training scores only real target tokens)."""
         memory, mask = self.encode(src)
-        return self.logits(self.decode(tgt, memory, mask))
+        states = self.decode(tgt, memory, mask)
+        return self.logits(states if where is None else states[where])
 
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""

@@ -8,6 +8,7 @@ projection is spent on padding. On CUDA the forward pass runs under bf16 autocas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mt import checkpoint, corpora
+from mt import checkpoint, corpora, distributed
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
     Batch,
@@ -182,12 +184,14 @@ def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     return {"src": [normalize_text(t) for t in batch["src"]]}
 
 
-def loss_fn(model: Transformer, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens."""
-    memory, mask = model.encode(batch.src)
-    states = model.decode(batch.tgt_in, memory, mask)
+def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens.
+
+    `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so
+    that DDP sees the forward pass.
+    """
     real = batch.tgt_out != PAD
-    logits = model.logits(states[real]).float()  # (N, V): only real positions
+    logits = model(batch.src, batch.tgt_in, real).float()  # (N, V): only real positions
     targets = batch.tgt_out[real]
     loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
     nll = F.cross_entropy(logits.detach(), targets, reduction="sum")
@@ -263,15 +267,21 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         MtError: for bad config values, data or run folders, before any training starts.
         Interrupted: after saving a checkpoint, on SIGINT or SIGTERM.
     """
-    run_dir = prepare_run_dir(config, resume, overwrite)
-    file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("mt").addHandler(file_log)
+    ctx = distributed.setup()
+    logger = logging.getLogger("mt")
+    if not ctx.is_main:
+        logger.setLevel(logging.WARNING)
+        show_progress = False
+    run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite), others=lambda: config.run_dir)
+    file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8") if ctx.is_main else None
+    if file_log:
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(file_log)
     try:
-        trainer = Trainer(config, run_dir, resume)
+        trainer = Trainer(config, run_dir, resume, ctx)
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)
-        if config.train.tune_decoding:
+        if config.train.tune_decoding and ctx.is_main:
             from mt.evaluate import tune_run
 
             best = tune_run(run_dir, DEFAULT_BEAMS, DEFAULT_PENALTIES, device=str(trainer.device))[0]
@@ -279,26 +289,57 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
                      best["beam_size"], best["length_penalty"], best["bleu"])
         return run_dir
     finally:
-        logging.getLogger("mt").removeHandler(file_log)
-        file_log.close()
+        if file_log:
+            logger.removeHandler(file_log)
+            file_log.close()
+        distributed.teardown(ctx)
+
+
+def _main_first(ctx: distributed.Context, make: Callable[[], Any], others: Callable[[], Any] | None = None) -> Any:
+    """Runs `make` on rank 0 first, then (`others` or `make`) on the other ranks, which may reuse what rank 0
+    wrote. An MtError on rank 0 is raised on every rank, so that none waits for it forever."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = make()
+        except MtError as e:
+            error = e
+    error = distributed.from_main(ctx, error)
+    if error is not None:
+        raise error
+    if not ctx.is_main:
+        result = (others or make)()
+    distributed.barrier(ctx)
+    return result
 
 
 class Trainer:
     """The model, optimizer, data and progress of one run, and the loop that trains it."""
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool):
+    def __init__(self, config: Config, run_dir: Path, resume: bool, ctx: distributed.Context | None = None):
         tc = self.tc = config.train
-        self.config, self.run_dir = config, run_dir
+        self.config, self.run_dir, self.ctx = config, run_dir, ctx or distributed.Context()
         self.device = resolve_device(config)
+        if self.device.type == "cuda" and self.ctx.active:
+            self.device = torch.device("cuda", self.ctx.local_rank)
         self.amp = autocast_dtype(config, self.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        save_config(config, run_dir / checkpoint.CONFIG)
-        self.data = prepare_data(config, run_dir)
+        if self.ctx.is_main:
+            save_config(config, run_dir / checkpoint.CONFIG)
+        self.data = _main_first(self.ctx, lambda: prepare_data(config, run_dir))
         self.model = Transformer(config.model, self.data.tokenizer.vocab_size).to(self.device)
         log.info("model: %s parameters, device %s, %s", f"{self.model.num_parameters():,}", self.device,
                  "bf16 autocast" if self.amp else "fp32")
+        self.per_step = tc.accumulate * self.ctx.world  # batches per update, over all ranks
+        if self.ctx.active:
+            log.info("distributed: %d ranks × %d accumulated batches of %d tokens per update", self.ctx.world,
+                     tc.accumulate, tc.batch_tokens)
+        # The model as training calls it: wrapped by DDP when there are several ranks.
+        self.net = (torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.ctx.active else self.model)
         params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() > 1], "weight_decay": tc.weight_decay},
@@ -320,6 +361,10 @@ class Trainer:
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.progress.step, self.progress.epoch + 1)
 
     def finished(self) -> bool:
+        """Whether a stopping condition is met; under DDP, rank 0's answer holds on every rank."""
+        return bool(distributed.from_main(self.ctx, self._finished_here()))
+
+    def _finished_here(self) -> bool:
         tc, p = self.tc, self.progress
         return bool((tc.max_steps and p.step >= tc.max_steps)
                     or (tc.max_epochs and p.epoch >= tc.max_epochs)
@@ -337,34 +382,41 @@ class Trainer:
         try:
             while not self.finished():
                 batches = make_batches(self.data.src_len, self.data.tgt_len, tc.batch_tokens, seed=tc.seed + p.epoch)
-                if len(batches) < tc.accumulate:
-                    raise DataError(f"the training data makes {len(batches)} batches, fewer than train.accumulate="
-                                    f"{tc.accumulate}; lower train.accumulate or train.batch_tokens")
-                for first in range(p.batch_in_epoch, len(batches) - tc.accumulate + 1, tc.accumulate):
-                    loss, tokens, lr = self.step(batches[first : first + tc.accumulate])
-                    p.batch_in_epoch = first + tc.accumulate
+                if len(batches) < self.per_step:
+                    raise DataError(f"the training data makes {len(batches)} batches, fewer than the {self.per_step} "
+                                    "an update takes (train.accumulate × ranks); lower train.accumulate or "
+                                    "train.batch_tokens")
+                for first in range(p.batch_in_epoch, len(batches) - self.per_step + 1, self.per_step):
+                    mine = first + self.ctx.rank * tc.accumulate  # this rank's share of the update
+                    loss, tokens, lr = self.step(batches[mine : mine + tc.accumulate])
+                    p.batch_in_epoch = first + self.per_step
                     window.add(loss, tokens)
                     now = time.perf_counter()  # training time includes validation: the wall time the run costs
                     p.seconds, clock = p.seconds + now - clock, now
                     bar.update(1)
                     if p.step % tc.log_every == 0:
-                        record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(), "lr": lr,
+                        record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(self.ctx), "lr": lr,
                                   "seconds": round(p.seconds, 1)}
-                        checkpoint.append_metrics(self.run_dir, record)
+                        if self.ctx.is_main:
+                            checkpoint.append_metrics(self.run_dir, record)
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
                                         bleu=f"{max(p.best_bleu, 0):.1f}")
-                    if p.step % tc.valid_every == 0 or self.finished():
+                    finished = self.finished()
+                    if p.step % tc.valid_every == 0 or finished:
                         self.validate_and_save()
                         last_validated = p.step
                         now = time.perf_counter()
                         p.seconds, clock = p.seconds + now - clock, now
-                        window.flush()
-                    if signals.received:
+                        window.flush(self.ctx)
+                        finished = self.finished()
+                    stop = distributed.from_main(self.ctx, signals.received)
+                    if stop:
                         self.save_last()
-                        raise Interrupted(f"stopped by {signals.received} at step {p.step}; checkpoint saved. "
+                        distributed.barrier(self.ctx)
+                        raise Interrupted(f"stopped by {stop} at step {p.step}; checkpoint saved. "
                                           f"Resume with: mt train --config {self.run_dir / checkpoint.CONFIG} --resume")
-                    if self.finished():
+                    if finished:
                         break
                 else:
                     p.epoch += 1
@@ -377,7 +429,7 @@ class Trainer:
             bar.close()
         if last_validated != p.step:
             self.validate_and_save()
-        if tc.average_last:
+        if tc.average_last and self.ctx.is_main:
             self.average_checkpoints(tc.average_last)
         log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", p.step, p.seconds, p.best_bleu,
                  p.best_step)
@@ -398,12 +450,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tokens = sum(b.target_tokens for b in batches)
+        # The loss is normalised by the target tokens of the whole update, over all ranks; DDP averages
+        # gradients over ranks, so each rank scales by the world size to make it a sum.
+        all_tokens = int(distributed.sum_all(self.ctx, [tokens], self.device)[0])
+        scale = self.ctx.world / all_tokens
         total = torch.zeros((), device=self.device)
         try:
-            for batch in batches:
-                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    loss, _ = loss_fn(self.model, batch, tc.label_smoothing)
-                (loss / tokens).backward()
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = self.net.no_sync() if self.ctx.active and not last else contextlib.nullcontext()
+                with sync, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                          enabled=self.amp is not None):
+                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
+                (loss * scale).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError:
             raise MtError(f"CUDA out of memory at step {p.step + 1} with train.batch_tokens={tc.batch_tokens}; "
@@ -425,6 +484,14 @@ class Trainer:
         return total, tokens, lr
 
     def validate_and_save(self) -> None:
+        """Validates and saves on rank 0; every rank then takes rank 0's progress (best BLEU, patience)."""
+        if self.ctx.is_main:
+            self._validate_and_save()
+        for name, value in distributed.from_main(self.ctx, asdict(self.progress)).items():
+            setattr(self.progress, name, value)
+        distributed.barrier(self.ctx)
+
+    def _validate_and_save(self) -> None:
         p = self.progress
         started = time.perf_counter()
         metrics = validate(self.model, self.data, self.config, self.device, self.amp)
@@ -471,6 +538,8 @@ class Trainer:
             self.save_last()
 
     def save_last(self) -> None:
+        if not self.ctx.is_main:
+            return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "progress": asdict(self.progress), "rng": _rng_state(), "config": config_to_dict(self.config)}
         checkpoint.save_numbered(state, self.run_dir, self.progress.step, keep=self.tc.keep_checkpoints)
@@ -487,9 +556,11 @@ class _Window:
         self.loss += loss
         self.tokens += tokens
 
-    def flush(self) -> dict[str, float]:
+    def flush(self, ctx: distributed.Context) -> dict[str, float]:
+        """Loss per target token and target tokens/s since the last flush, over all ranks."""
         elapsed = time.perf_counter() - self.start
-        out = {"train_loss": float(self.loss) / max(self.tokens, 1), "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
+        loss, tokens = distributed.sum_all(ctx, [float(self.loss), self.tokens], self.loss.device)
+        out = {"train_loss": loss / max(tokens, 1), "tokens_per_s": tokens / max(elapsed, 1e-9)}
         self.loss.zero_()
         self.tokens, self.start = 0, time.perf_counter()
         return out

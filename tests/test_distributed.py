@@ -1,0 +1,71 @@
+"""Data-parallel training: 2 CPU processes under torchrun (Gloo) against 1 process accumulating 2 batches."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mt import checkpoint
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train.valid_sentences=10",
+         "train.batch_tokens=600"]
+
+
+def mt_train(folder, launcher, *overrides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*launcher, "train", "--config", TINY, "--quiet"]
+    for override in (*STEPS, *overrides):
+        args += ["--set", override]
+    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "runs" / "tiny"
+
+
+def losses(run_dir):
+    return [r["train_loss"] for r in map(json.loads, (run_dir / checkpoint.METRICS).read_text().splitlines())
+            if "train_loss" in r]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, monkeypatch):
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
+    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1")
+    assert losses(single) == pytest.approx(losses(double), rel=1e-4)
+    a, b = (checkpoint.load(run / "last.pt") for run in (single, double))
+    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)
+    log = (double / "train.log").read_text()
+    assert "distributed: 2 ranks × 1 accumulated batches" in log
+
+
+def test_accumulation_equals_one_big_batch(in_tmp):
+    """Accumulating batches A and B gives the update that one batch of A and B together gives."""
+    from mt.config import load_config
+    from mt.data import collate
+    from mt.model import Transformer
+    from mt.train import loss_fn
+
+    config = load_config(TINY)
+    torch.manual_seed(0)
+    model = Transformer(config.model, 50)
+    twin = Transformer(config.model, 50)
+    twin.load_state_dict(model.state_dict())
+    a = collate([[5, 6, 7], [8, 9]], [[10, 11], [12]])
+    b = collate([[13, 14, 15, 16]], [[17, 18, 19]])
+    both = collate([[5, 6, 7], [8, 9], [13, 14, 15, 16]], [[10, 11], [12], [17, 18, 19]])
+    tokens = a.target_tokens + b.target_tokens
+    for batch in (a, b):
+        (loss_fn(model, batch, 0.1)[0] / tokens).backward()
+    (loss_fn(twin, both, 0.1)[0] / both.target_tokens).backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

@@ -135,3 +135,10 @@ def test_mixture_is_cleaned_per_corpus_then_repeated(tmp_path, monkeypatch):
     stats = json.loads((run_dir / "data.json").read_text())
     assert stats["train"] == ["one:train", "two:train*3"]
     assert [c["duplicates"] for c in stats["cleaning"]] == [5, 0]
+
+
+@pytest.mark.parametrize(("src", "tgt", "counts"), [(["a", "b", "c"], ["x"], (3, 1)), (["a"], ["x", "y"], (1, 2))])
+def test_streamed_misalignment_counts_both_sides(tmp_path, src, tgt, counts):
+    files = CorpusFiles("pair", *write_pair(tmp_path, "p", src, tgt))
+    with pytest.raises(DataError, match=rf"has {counts[0]} lines but .* has {counts[1]};"):
+        load_corpus(files)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import logging
 import unicodedata
 from collections.abc import Iterator
@@ -26,53 +27,68 @@ from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 log = logging.getLogger(__name__)
 
 
-def read_lines(path: Path) -> list[str]:
-    """All lines of a UTF-8 text file (plain or .gz), without line endings.
+def iter_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (plain or .gz), without line endings, read one at a time.
 
     Raises:
         DataError: naming the file, and the line for bytes that are not UTF-8.
     """
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {e}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {data[e.start]:#04x})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+
+
+def read_lines(path: Path) -> list[str]:
+    """All lines of a UTF-8 text file (plain or .gz); see `iter_lines`."""
+    return list(iter_lines(path))
+
+
+def iter_pairs(files: CorpusFiles) -> Iterator[tuple[str, str]]:
+    """The aligned lines of a corpus, streamed.
+
+    Raises:
+        DataError: if either file is unreadable, or the two have different line counts (raised at the end of
+            the shorter one, with both counts).
+    """
+    src, tgt = iter_lines(files.src), iter_lines(files.tgt)
+    for number, pair in enumerate(itertools.zip_longest(src, tgt), start=1):
+        if None in pair:  # one file ended: count what is left of the other
+            longer = number + sum(1 for _ in (tgt if pair[0] is None else src))
+            src_count, tgt_count = (number - 1, longer) if pair[0] is None else (longer, number - 1)
+            raise DataError(
+                f"{files.name}: {files.src} has {src_count} lines but {files.tgt} has {tgt_count}; "
+                "the two sides must be aligned line by line"
+            )
+        yield pair
 
 
 def read_pairs(files: CorpusFiles) -> tuple[list[str], list[str]]:
-    """The aligned lines of a corpus.
-
-    Raises:
-        DataError: if either file is unreadable or the two have different line counts.
-    """
-    src, tgt = read_lines(files.src), read_lines(files.tgt)
-    if len(src) != len(tgt):
-        raise DataError(
-            f"{files.name}: {files.src} has {len(src)} lines but {files.tgt} has {len(tgt)}; "
-            "the two sides must be aligned line by line"
-        )
+    """The aligned lines of a corpus, in memory; see `iter_pairs`."""
+    src, tgt = [], []
+    for s, t in iter_pairs(files):
+        src.append(s)
+        tgt.append(t)
     return src, tgt
 
 
 def _generate_pairs(src: str, tgt: str, stamp: str) -> Iterator[dict[str, str]]:
     del stamp  # only part of the cache key
-    src_lines, tgt_lines = read_pairs(CorpusFiles(f"{src} | {tgt}", Path(src), Path(tgt)))
-    for s, t in zip(src_lines, tgt_lines, strict=True):
+    for s, t in iter_pairs(CorpusFiles(f"{src} | {tgt}", Path(src), Path(tgt))):
         yield {"src": s, "tgt": t}
 
 
 def load_corpus(files: CorpusFiles, max_pairs: int = 0):
-    """Reads a corpus into a `datasets.Dataset` with columns `src` and `tgt` (cached as Arrow).
+    """Streams a corpus into a `datasets.Dataset` with columns `src` and `tgt`: an Arrow file in the datasets
+    cache, memory-mapped, so corpora larger than memory work, and read again only when the files change.
 
     Raises:
         DataError: if the files are unreadable or misaligned.
@@ -82,14 +98,16 @@ def load_corpus(files: CorpusFiles, max_pairs: int = 0):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (files.src, files.tgt))
-    read_pairs(files)  # checks alignment and encoding up front, with file names in the message
     try:
         ds = datasets.Dataset.from_generator(
             _generate_pairs, gen_kwargs={"src": str(files.src), "tgt": str(files.tgt), "stamp": stamp}
         )
     except datasets.exceptions.DatasetGenerationError as e:
-        if isinstance(e.__cause__, DataError):
-            raise e.__cause__ from None
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise DataError(str(cause).replace(f"{files.src} | {files.tgt}", files.name)) from None
         raise
     if max_pairs and len(ds) > max_pairs:
         ds = ds.select(range(max_pairs))
@@ -138,29 +156,32 @@ def clean_pairs(ds, normalize: bool = True, dedupe: bool = True):
     total, changed, duplicates = len(ds), 0, 0
     if normalize:
         ds = ds.map(_normalize_batch, batched=True, batch_size=10_000)
-        changed = int(sum(ds["changed"]))
+        changed = int(ds.with_format("arrow")[:]["changed"].to_numpy(zero_copy_only=False).sum())
         ds = ds.remove_columns("changed")
     if dedupe:
-        seen: set[tuple[str, str]] = set()
-        keep = []
-        for i, pair in enumerate(zip(ds["src"], ds["tgt"], strict=True)):
-            if pair not in seen:
-                seen.add(pair)
-                keep.append(i)
-        duplicates = total - len(keep)
+        # 64-bit hashes of the pairs, in memory as one array: duplicates found without holding the text.
+        hashes = np.fromiter((int.from_bytes(hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=8).digest(), "little")
+                              for batch in ds.iter(batch_size=50_000)
+                              for s, t in zip(batch["src"], batch["tgt"], strict=True)),
+                             dtype=np.uint64, count=total)
+        _, first = np.unique(hashes, return_index=True)
+        duplicates = total - len(first)
         if duplicates:
-            ds = ds.select(keep)
+            ds = ds.select(np.sort(first))
     return ds, CleanReport(total, changed, duplicates)
 
 
-def tokenize(ds, tokenizer: Tokenizer):
-    """Adds `src_ids` and `tgt_ids` columns through `.map`, cached on the data and the tokenizer."""
+def tokenize(ds, tokenizer: Tokenizer, workers: int = 1):
+    """Adds `src_ids` and `tgt_ids` columns through `.map` (in `workers` processes), cached on the data and
+    the tokenizer."""
     key = hashlib.sha256(ds._fingerprint.encode() + tokenizer.proto).hexdigest()[:32]
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         return {"src_ids": tokenizer.encode(batch["src"]), "tgt_ids": tokenizer.encode(batch["tgt"])}
 
-    return ds.map(encode, batched=True, batch_size=10_000, new_fingerprint=key)
+    workers = min(workers, max(1, len(ds) // 10_000))  # small corpora are not worth the processes
+    return ds.map(encode, batched=True, batch_size=10_000, new_fingerprint=key,
+                  num_proc=workers if workers > 1 else None)
 
 
 @dataclass(frozen=True)

@@ -162,10 +162,14 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     else:
         t = config.tokenizer
         log.info("training a %s SentencePiece tokenizer of %d pieces", t.type, t.vocab_size)
-        tokenizer = Tokenizer.train(list(train["src"]) + list(train["tgt"]), t.vocab_size, t.type, t.character_coverage,
-                                    t.sample_sentences, seed=config.train.seed)
+        sample = train
+        if 2 * len(train) > t.sample_sentences:  # a random sample of pairs: the corpus is never all in memory
+            picked = np.random.default_rng(config.train.seed).choice(len(train), t.sample_sentences // 2, replace=False)
+            sample = train.select(np.sort(picked))
+        tokenizer = Tokenizer.train(list(sample["src"]) + list(sample["tgt"]), t.vocab_size, t.type,
+                                    t.character_coverage, t.sample_sentences, seed=config.train.seed)
         tokenizer.save(tokenizer_path)
-    train, report = filter_pairs(tokenize(train, tokenizer), data.max_tokens, data.max_ratio)
+    train, report = filter_pairs(tokenize(train, tokenizer, data.workers), data.max_tokens, data.max_ratio)
     log.info("training data: %s", report.describe())
     if report.kept == 0:
         raise DataError(f"no training pairs left after filtering {' + '.join(names)} "

@@ -89,3 +89,45 @@ def test_every_multi30k_split_has_a_source():
 def test_checksums_match_the_real_files(data_path):
     for key, source in corpora.DOWNLOADS.items():
         assert hashlib.sha256((data_path / key).read_bytes()).hexdigest() == source.sha256, key
+
+
+def test_dataset_saved_to_disk_is_a_corpus(tmp_path, monkeypatch):
+    import datasets
+
+    from mt.config import load_config
+    from mt.data import read_corpus
+    from mt.train import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    pairs = [{"fr": f"Le chat numéro {i} dort.", "en": f"Cat number {i} sleeps."} for i in range(60)]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"id": list(range(60)), "translation": pairs}),
+        "validation": datasets.Dataset.from_dict({"id": [0, 1], "translation": pairs[:2]}),
+    }).save_to_disk(str(tmp_path / "books"))
+    spec = f"{{disk: {tmp_path / 'books'}, split: %s, src_field: translation.fr, tgt_field: translation.en}}"
+    config = load_config(None, [f"data.train={spec % 'train'}", f"data.valid={spec % 'validation'}",
+                                "tokenizer.vocab_size=40"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = prepare_data(config, run_dir)
+    assert len(data.train) == 60 and data.train[3]["src"] == "Le chat numéro 3 dort."
+    src, tgt = read_corpus(corpora.resolve(config.data.valid))
+    assert (src, tgt) == (["Le chat numéro 0 dort.", "Le chat numéro 1 dort."], ["Cat number 0 sleeps.",
+                                                                               "Cat number 1 sleeps."])
+    wrong = corpora.resolve({"disk": str(tmp_path / "books"), "split": "train", "src_field": "translation.de",
+                             "tgt_field": "translation.en"})
+    with pytest.raises(DataError, match=r"field translation\.de not found"):
+        read_corpus(wrong)
+    with pytest.raises(DataError, match=r"no split 'test'; it has train, validation"):
+        read_corpus(corpora.resolve({"disk": str(tmp_path / "books"), "split": "test", "src_field": "a",
+                                     "tgt_field": "b"}))
+
+
+def test_dataset_spec_is_checked():
+    with pytest.raises(ValueError, match="exactly one of hub"):
+        corpora.parse_corpus({"hub": "wmt14", "disk": "x", "src_field": "a", "tgt_field": "b"})
+    with pytest.raises(ValueError, match="needs src_field"):
+        corpora.parse_corpus({"hub": "wmt14"})
+    spec = corpora.parse_corpus({"hub": "wmt14", "config": "fr-en", "split": "train",
+                                 "src_field": "translation.fr", "tgt_field": "translation.en"})
+    assert spec.name == "wmt14/fr-en:train"

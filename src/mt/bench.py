@@ -31,7 +31,7 @@ from torch import nn
 
 from mt import checkpoint, corpora
 from mt.config import Config, ModelConfig
-from mt.data import Batch, collate, make_batches, read_pairs
+from mt.data import Batch, collate, make_batches, read_corpus
 from mt.layers import SinusoidalPositions
 from mt.model import Transformer
 from mt.tokenizer import PAD
@@ -239,7 +239,7 @@ def _default_test(config: Config) -> str:
 def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: str, sentences: int) -> list[Row]:
     translator = Translator.load(run_dir, device=str(device))
     files = corpora.resolve(test, config.data.src_lang, config.data.tgt_lang)
-    sources = translator.tokenizer.encode(read_pairs(files)[0][:sentences])
+    sources = translator.tokenizer.encode(read_corpus(files)[0][:sentences])
     rows = []
     for beam in (1, 5):
         decode = replace(translator.config.decode, beam_size=beam)

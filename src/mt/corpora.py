@@ -6,7 +6,9 @@ directory, then each folder of the `MT_DATA_PATH` environment variable (separate
 A named corpus that is found nowhere is downloaded from its public source into `data/` (Multi30k from its
 GitHub repository, pinned to a commit), checked against the SHA-256 of each file, and written atomically.
 
-A corpus may also be an explicit pair of files, `{src: PATH, tgt: PATH}`. A training corpus may be a list
+A corpus may also be an explicit pair of files, `{src: PATH, tgt: PATH}`, or a Hugging Face dataset,
+`{hub: opus_books, config: en-fr, split: train, src_field: translation.fr, tgt_field: translation.en}`
+(or `disk: FOLDER` for one written by `save_to_disk`). A training corpus may be a list
 of corpora, each repeated (up-sampled) N times with `name:split*N` or `{src: ..., tgt: ..., repeat: N}`.
 """
 
@@ -66,6 +68,23 @@ class CorpusFiles:
     tgt: Path
 
 
+@dataclass(frozen=True)
+class DatasetCorpus:
+    """A Hugging Face dataset: from the hub (`hub`, with `config`) or saved with `save_to_disk` (`disk`).
+    `src_field` / `tgt_field` name the text, dotted into nested fields: `translation.fr`."""
+
+    name: str
+    hub: str | None
+    disk: str | None
+    config: str | None
+    split: str
+    src_field: str
+    tgt_field: str
+
+
+_DATASET_KEYS = {"hub", "disk", "config", "split", "src_field", "tgt_field"}
+
+
 def split_repeat(spec: object) -> tuple[object, int]:
     """`name:split*N` or `{..., repeat: N}` -> (the spec without the repeat, N); N is 1 when absent.
 
@@ -100,7 +119,25 @@ def parse_corpus_list(spec: object) -> list[tuple[object, int]]:
     return parsed
 
 
-def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path]:
+def _parse_dataset(spec: dict) -> DatasetCorpus:
+    unknown = set(spec) - _DATASET_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} in a dataset corpus; "
+                         f"valid: {', '.join(sorted(_DATASET_KEYS))}")
+    if ("hub" in spec) == ("disk" in spec):
+        raise ValueError("a dataset corpus names exactly one of hub (a Hugging Face dataset) or disk (a folder "
+                         "written by save_to_disk)")
+    for key in ("src_field", "tgt_field"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise ValueError(f"a dataset corpus needs {key}, e.g. src_field: translation.fr")
+    where = spec.get("hub") or spec.get("disk")
+    split = spec.get("split", "train")
+    name = f"{where}{'/' + spec['config'] if spec.get('config') else ''}:{split}"
+    return DatasetCorpus(name, spec.get("hub"), spec.get("disk"), spec.get("config"), split,
+                         spec["src_field"], spec["tgt_field"])
+
+
+def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path] | DatasetCorpus:
     """Checks the form of a corpus spec: returns (name, split) or (src path, tgt path).
 
     Raises:
@@ -111,6 +148,8 @@ def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path]:
         if not sep or not name or not split or "/" in name:
             raise ValueError(f"expected 'name:split' (e.g. multi30k:train) or {{src: PATH, tgt: PATH}}, got {spec!r}")
         return name, split
+    if isinstance(spec, dict) and ("hub" in spec or "disk" in spec):
+        return _parse_dataset(spec)
     if isinstance(spec, dict):
         if set(spec) != {"src", "tgt"} or not all(isinstance(v, str) and v for v in spec.values()):
             raise ValueError(f"a pair of files needs exactly the keys src and tgt with paths, got {spec!r}")
@@ -125,8 +164,8 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusFiles:
-    """Finds the files of a corpus spec.
+def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusFiles | DatasetCorpus:
+    """Finds the files of a corpus spec (a dataset corpus is returned as it is: `datasets` finds it).
 
     Raises:
         DataError: if the spec is malformed or its files are not found, naming where it looked.
@@ -135,6 +174,8 @@ def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusF
         parsed = parse_corpus(spec)
     except ValueError as e:
         raise DataError(str(e)) from None
+    if isinstance(parsed, DatasetCorpus):
+        return parsed
     if isinstance(parsed[0], Path):
         src, tgt = parsed
         for path in (src, tgt):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mt.corpora import CorpusFiles
+from mt.corpora import CorpusFiles, DatasetCorpus
 from mt.errors import DataError
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
@@ -86,17 +86,26 @@ def _generate_pairs(src: str, tgt: str, stamp: str) -> Iterator[dict[str, str]]:
         yield {"src": s, "tgt": t}
 
 
-def load_corpus(files: CorpusFiles, max_pairs: int = 0):
+def load_corpus(files: CorpusFiles | DatasetCorpus, max_pairs: int = 0):
     """Streams a corpus into a `datasets.Dataset` with columns `src` and `tgt`: an Arrow file in the datasets
     cache, memory-mapped, so corpora larger than memory work, and read again only when the files change.
 
     Raises:
-        DataError: if the files are unreadable or misaligned.
+        DataError: if the files are unreadable or misaligned, or the dataset cannot be loaded.
     """
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    ds = _load_dataset(files) if isinstance(files, DatasetCorpus) else _load_files(files)
+    if max_pairs and len(ds) > max_pairs:
+        ds = ds.select(range(max_pairs))
+    return ds
+
+
+def _load_files(files: CorpusFiles):
+    import datasets
+
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (files.src, files.tgt))
     try:
         ds = datasets.Dataset.from_generator(
@@ -109,9 +118,53 @@ def load_corpus(files: CorpusFiles, max_pairs: int = 0):
         if cause is not None:
             raise DataError(str(cause).replace(f"{files.src} | {files.tgt}", files.name)) from None
         raise
-    if max_pairs and len(ds) > max_pairs:
-        ds = ds.select(range(max_pairs))
     return ds
+
+
+def _load_dataset(corpus: DatasetCorpus):
+    """A Hugging Face dataset, with its text fields copied into `src` and `tgt` columns."""
+    import datasets
+
+    try:
+        if corpus.disk is not None:
+            ds = datasets.load_from_disk(corpus.disk)
+        else:
+            ds = datasets.load_dataset(corpus.hub, corpus.config, split=corpus.split)
+    except Exception as e:  # datasets raises many types for missing, offline or malformed datasets
+        raise DataError(f"cannot load dataset {corpus.name}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if corpus.split not in ds:
+            raise DataError(f"dataset {corpus.name}: no split {corpus.split!r}; it has {', '.join(ds)}")
+        ds = ds[corpus.split]
+    for field in (corpus.src_field, corpus.tgt_field):
+        column = field.split(".")[0]
+        if column not in ds.column_names:
+            raise DataError(f"dataset {corpus.name} has no field {column!r} (for {field}); "
+                            f"its fields: {', '.join(ds.column_names)}")
+    return ds.map(_pick_fields, batched=True, remove_columns=ds.column_names,
+                  fn_kwargs={"src_field": corpus.src_field, "tgt_field": corpus.tgt_field, "name": corpus.name})
+
+
+def _pick_fields(batch: dict, src_field: str, tgt_field: str, name: str) -> dict[str, list[str]]:
+    def dig(field: str) -> list[str]:
+        column, *keys = field.split(".")
+        values = batch[column]
+        for key in keys:
+            try:
+                values = [v[key] for v in values]
+            except (KeyError, TypeError):
+                raise DataError(f"dataset {name}: field {field} not found (no {key!r} in {column})") from None
+        return ["" if v is None else str(v) for v in values]
+
+    return {"src": dig(src_field), "tgt": dig(tgt_field)}
+
+
+def read_corpus(corpus: CorpusFiles | DatasetCorpus) -> tuple[list[str], list[str]]:
+    """All pairs of a corpus in memory (for test sets): files are read directly, datasets through `datasets`."""
+    if isinstance(corpus, CorpusFiles):
+        return read_pairs(corpus)
+    ds = load_corpus(corpus)
+    return list(ds["src"]), list(ds["tgt"])
 
 
 # Typographic apostrophes, quotes and spaces, mapped to the plain ASCII ones.

@@ -6,6 +6,7 @@ Scores are computed on detokenized text against one reference per sentence, sacr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,13 +60,13 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
     them as the run's decoding defaults (the `decode` section of its config.yaml)."""
     from mt import checkpoint, corpora
     from mt.config import save_config
-    from mt.data import read_pairs
+    from mt.data import read_corpus
     from mt.translate import Translator
 
     translator = Translator.load(run_dir, device=device, weights=weights)
     config = translator.config
     files = corpora.resolve(config.data.valid, config.data.src_lang, config.data.tgt_lang)
-    sources, references = read_pairs(files)
+    sources, references = read_corpus(files)
     results = tune_decoding(translator, sources, references, beams, penalties)
     best = results[0]
     decode = replace(config.decode, beam_size=best["beam_size"], length_penalty=best["length_penalty"])
@@ -87,7 +88,7 @@ def evaluate_run(
         One dict per test set: test, sentences, beam_size, hypotheses (path) and scores.
     """
     from mt import corpora
-    from mt.data import read_pairs
+    from mt.data import read_corpus
     from mt.translate import Translator
 
     translator = Translator.load(run_dir, device=device, weights=weights)
@@ -98,9 +99,10 @@ def evaluate_run(
     results = []
     for spec in tests or [data.test]:
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
-        sources, references = read_pairs(files)
+        sources, references = read_corpus(files)
         hypotheses = translator.translate(sources, beam_size=beam)
-        stem = files.name.replace(":", ".") if isinstance(spec, str) else files.src.stem
+        stem = re.sub(r"[^\w.-]+", ".", files.name if isinstance(spec, str) or not hasattr(files, "src")
+                      else files.src.stem)
         hyp_path = out_dir / f"{stem}.beam{beam}.{data.tgt_lang}"
         hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
         results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,

@@ -10,4 +10,4 @@ def test_readme_config_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert module.table() in readme, "run scripts/config_reference.py and paste its table into README.md"
+    assert module.table() in readme, "run python scripts/update_readme.py"

@@ -83,7 +83,7 @@ class FixedStepper:
                 out[row, token] = math.log(p)
         return out
 
-    def reorder(self, index):
+    def reorder(self, index, sentences_changed=True):
         pass
 
 

@@ -91,3 +91,18 @@ def test_early_stopping_stops_after_patience(in_tmp):
                                        "train.lr=0"]), show_progress=False)
     progress = checkpoint.load(run_dir / "last.pt")["progress"]
     assert progress["step"] == 4 and progress["bad_validations"] == 1  # lr 0: BLEU cannot improve
+
+
+def test_loss_is_torch_label_smoothed_cross_entropy():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Transformer(load_config(TINY).model, 30).eval()
+    batch = collate([[5, 6, 7], [5, 6, 7, 8, 9, 10]], [[8, 9], [4, 5, 6, 7, 8]])
+    loss, nll = loss_fn(model, batch, 0.1)
+    logits = model(batch.src, batch.tgt_in)
+    expected = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=0,
+                               label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(),
+                                                    ignore_index=0, reduction="sum"))

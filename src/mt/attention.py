@@ -6,11 +6,13 @@ Masks follow `mt.masks`: boolean, True where attention is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class KVCache:
@@ -47,8 +49,26 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i of the cache becomes old row index[i] (rows may be repeated or dropped)."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+        if self.growing and index.numel() == self.k.size(0):  # same rows count: move only the filled steps
+            filled = slice(0, self.length)
+            self.k[:, :, filled] = self.k[:, :, filled].index_select(0, index)
+            self.v[:, :, filled] = self.v[:, :, filled].index_select(0, index)
+        else:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """The fastest `scaled_dot_product_attention` kernels for translation-length sequences on `device`.
+
+    On the CPU, the plain (math) kernel beats the flash kernel on sentences of a few dozen tokens: in
+    training its backward pass is a few batched matrix products (a step 1.2x faster), and in decoding a
+    query of one token gains nothing from tiling (flash took 30% of beam search). Elsewhere PyTorch's own
+    choice stands.
+    """
+    if device.type == "cpu":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def scaled_dot_product_attention(

@@ -32,10 +32,11 @@ from torch import nn
 from mt import checkpoint, corpora
 from mt.config import Config, ModelConfig
 from mt.data import Batch, collate, make_batches, read_corpus
+from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.layers import SinusoidalPositions
 from mt.model import Transformer
 from mt.tokenizer import PAD
-from mt.train import autocast_dtype, loss_fn, prepare_data, resolve_device
+from mt.train import loss_fn, prepare_data
 from mt.translate import Translator, translate_ids
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss
                 device: torch.device) -> Callable[[Batch], None]:
     def step(batch: Batch) -> None:
         batch = batch.to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             loss = compute_loss(model, batch)
         (loss / batch.target_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,10 +247,10 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
         speeds = {}
         outputs = {}
         for use_cache in (True, False):
-            translate_ids(translator.model, sources[:8], decode, use_cache=use_cache)  # warm-up
+            translate_ids(translator.model, sources[:8], decode, use_cache=use_cache, amp=translator.amp)  # warm-up
             _sync(device)
             start = time.perf_counter()
-            hyps = translate_ids(translator.model, sources, decode, use_cache=use_cache)
+            hyps = translate_ids(translator.model, sources, decode, use_cache=use_cache, amp=translator.amp)
             _sync(device)
             elapsed = time.perf_counter() - start
             tokens = sum(len(h[0].tokens) + 1 for h in hyps)
@@ -257,7 +258,8 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
             outputs[use_cache] = [h[0].tokens for h in hyps]
             name = "ours (KV cache)" if use_cache else "recompute prefix"
             rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} {name}: sentences/s", speeds[use_cache],
-                            "sent/s", f"{len(sources)} sentences of {files.name}, {tokens / elapsed:.0f} tokens/s"))
+                            "sent/s", f"{len(sources)} sentences of {files.name}, {tokens / elapsed:.0f} tokens/s, "
+                            f"{'bf16 autocast' if translator.amp else 'fp32'}"))
         same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
         rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} speed-up, cache ÷ recompute",
                         speeds[True] / speeds[False], "×", f"identical outputs: {same}/{len(sources)}"))

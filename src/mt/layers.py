@@ -1,5 +1,6 @@
 """The Transformer's layers: sinusoidal positions, feed-forward, encoder layer and decoder layer.
 
+`activation_dropout` (dropout inside the feed-forward block) defaults to `dropout`, as in torch's layers.
 Each layer follows the tutorial's drawing: sublayer, then Add & Norm (`norm="post"`, Vaswani et al., 2017),
 or Norm first and Add after (`norm="pre"`, Xiong et al., 2020). Parameter names match
 `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` where they can, so tests copy weights across.
@@ -36,7 +37,7 @@ class SinusoidalPositions(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise linear -> activation -> dropout -> linear."""
+    """Position-wise linear -> activation -> dropout -> linear (fairseq's `activation_dropout`)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
         super().__init__()
@@ -53,10 +54,11 @@ class EncoderLayer(nn.Module):
     """Self-attention, Add & Norm, feed-forward, Add & Norm."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str = "relu", norm_first: bool = False):
+                 activation: str = "relu", norm_first: bool = False, activation_dropout: float | None = None):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
+        self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
+                              activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
@@ -83,11 +85,12 @@ class DecoderLayer(nn.Module):
     Add & Norm."""
 
     def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float, attention_dropout: float,
-                 activation: str = "relu", norm_first: bool = False):
+                 activation: str = "relu", norm_first: bool = False, activation_dropout: float | None = None):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
-        self.ff = FeedForward(d_model, d_ff, dropout, activation)
+        self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
+                              activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first

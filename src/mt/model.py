@@ -32,10 +32,15 @@ class DecoderCache:
     def length(self) -> int:
         return self.self_attn[0].length
 
-    def reorder(self, index: torch.Tensor) -> None:
-        for cache in (*self.self_attn, *self.cross_attn):
+    def reorder(self, index: torch.Tensor, cross_attention: bool = True) -> None:
+        """Row i continues old row index[i]. The cross-attention keys/values and the mask depend only on the
+        sentence, so they stay when rows move only between the beams of one sentence."""
+        for cache in self.self_attn:
             cache.reorder(index)
-        self.memory_mask = self.memory_mask.index_select(0, index)
+        if cross_attention:
+            for cache in self.cross_attn:
+                cache.reorder(index)
+            self.memory_mask = self.memory_mask.index_select(0, index)
 
 
 class Transformer(nn.Module):
@@ -44,7 +49,7 @@ class Transformer(nn.Module):
         self.config = config
         d, norm_first = config.d_model, config.norm == "pre"
         layer_args = (d, config.heads, config.d_ff, config.dropout, config.attention_dropout,
-                      config.activation, norm_first)
+                      config.activation, norm_first, config.activation_dropout)
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)
         self.positions = SinusoidalPositions(d, config.max_positions)
         self.dropout = nn.Dropout(config.dropout)

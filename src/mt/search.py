@@ -31,8 +31,9 @@ class Stepper(Protocol):
     def step(self, history: torch.Tensor) -> torch.Tensor:
         """(N, t) tokens so far, BOS first -> (N, V) log-probabilities of the next token."""
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """New row i continues old row index[i]."""
+    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
+        """New row i continues old row index[i]. `sentences_changed` is False when rows only move between
+        the beams of their own sentence, so per-sentence state (the encoder output) can stay."""
 
 
 class CachedStepper:
@@ -46,8 +47,8 @@ class CachedStepper:
         logits, _ = self.model.decode_step(history[:, -1], self.cache)
         return logits.float().log_softmax(dim=-1)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.cache.reorder(index)
+    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
+        self.cache.reorder(index, cross_attention=sentences_changed)
 
 
 class RecomputeStepper:
@@ -61,8 +62,9 @@ class RecomputeStepper:
         states = self.model.decode(history, self.memory, self.mask)[:, -1]
         return self.model.logits(states).float().log_softmax(dim=-1)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.memory, self.mask = self.memory.index_select(0, index), self.mask.index_select(0, index)
+    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
+        if sentences_changed:
+            self.memory, self.mask = self.memory.index_select(0, index), self.mask.index_select(0, index)
 
 
 def max_lengths(src_lengths: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
@@ -170,10 +172,11 @@ def beam_search(
         history = torch.cat([history[parent], top_token.gather(1, pick).view(-1, 1)], dim=1)
         scores = next_scores
         done = at_limit | (n_finished[alive] >= k)
-        if done.any():
+        pruned = bool(done.any())
+        if pruned:
             keep = (~done).nonzero()[:, 0]
             rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
             alive, scores, history, parent = alive[keep], scores[keep], history[rows], parent[rows]
         if alive.numel():
-            stepper.reorder(parent)
+            stepper.reorder(parent, sentences_changed=pruned)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mt import checkpoint, corpora, distributed
+from mt.attention import fast_kernels
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
     Batch,
@@ -39,6 +39,7 @@ from mt.data import (
     normalize_text,
     tokenize,
 )
+from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
@@ -72,32 +73,6 @@ class PreparedData:
     valid: Any
     src_len: np.ndarray
     tgt_len: np.ndarray
-
-
-def resolve_device(config: Config) -> torch.device:
-    wanted = config.train.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast trains faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def inverse_sqrt_schedule(step: int, warmup: int) -> float:
@@ -195,11 +170,13 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     that DDP sees the forward pass.
     """
     real = batch.tgt_out != PAD
-    logits = model(batch.src, batch.tgt_in, real).float()  # (N, V): only real positions
-    targets = batch.tgt_out[real]
-    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
-    nll = F.cross_entropy(logits.detach(), targets, reduction="sum")
-    return loss, nll
+    with fast_kernels(batch.src.device):
+        logits = model(batch.src, batch.tgt_in, real).float()  # (N, V): only real positions
+    log_probs = logits.log_softmax(dim=-1)  # once, for both sums
+    nll = -log_probs.gather(1, batch.tgt_out[real][:, None]).sum()
+    # Label smoothing spreads `label_smoothing` of the target mass uniformly over the vocabulary.
+    loss = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1).sum()
+    return loss, nll.detach()
 
 
 @torch.no_grad()
@@ -217,14 +194,13 @@ def validate(model: Transformer, data: PreparedData, config: Config, device: tor
     for start in range(0, len(order), 64):
         chunk = order[start : start + 64]
         batch = collate([src_ids[i] for i in chunk], [tgt_ids[i] for i in chunk]).to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             _, nll = loss_fn(model, batch, 0.0)
         total_nll += float(nll)
         total_tokens += batch.target_tokens
     n = config.train.valid_sentences or len(src_ids)
     greedy = replace(config.decode, beam_size=1)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hyps = translate_ids(model, src_ids[:n], greedy)
+    hyps = translate_ids(model, src_ids[:n], greedy, amp=amp)
     outputs = data.tokenizer.decode([h[0].tokens for h in hyps])
     model.train()
     loss = total_nll / max(total_tokens, 1)
@@ -463,8 +439,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 sync = self.net.no_sync() if self.ctx.active and not last else contextlib.nullcontext()
-                with sync, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                          enabled=self.amp is not None):
+                with sync, autocast(self.device, self.amp):
                     loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
                 (loss * scale).backward()
                 total += loss.detach()

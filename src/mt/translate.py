@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from mt import checkpoint
+from mt.attention import fast_kernels
 from mt.config import Config, DecodeConfig, load_config
 from mt.data import collate, normalize_text
+from mt.devices import autocast, autocast_dtype
 from mt.errors import CheckpointError
 from mt.model import Transformer
 from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
@@ -31,14 +33,21 @@ def translate_ids(
     decode: DecodeConfig,
     nbest: int = 1,
     use_cache: bool = True,
+    amp: torch.dtype | None = None,
 ) -> list[list[Hypothesis]]:
-    """Translates token-id sentences (no EOS) with greedy (beam_size 1) or beam search.
+    """Translates token-id sentences (no EOS) with greedy (beam_size 1) or beam search, under autocast to
+    `amp` when given.
 
     Returns:
         For each source, in order, its `nbest` hypotheses (1 for greedy), best first.
     """
     model.eval()
     device = next(model.parameters()).device
+    with fast_kernels(device), autocast(device, amp):
+        return _translate_ids(model, sources, decode, nbest, use_cache, device)
+
+
+def _translate_ids(model, sources, decode, nbest, use_cache, device) -> list[list[Hypothesis]]:
     limit = model.config.max_positions - 1
     sources = [list(s[:limit]) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -70,8 +79,8 @@ class Translator:
     ['A dog is running.']
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, amp: torch.dtype | None = None):
+        self.model, self.tokenizer, self.config, self.amp = model, tokenizer, config, amp
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None) -> Translator:
@@ -100,7 +109,8 @@ class Translator:
                                   f"{str(e).splitlines()[0]}") from None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model.to(device).eval(), tokenizer, config)
+        device = torch.device(device)
+        return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device))
 
     def translate(self, texts: Sequence[str], beam_size: int | None = None,
                   length_penalty: float | None = None) -> list[str]:
@@ -119,7 +129,7 @@ class Translator:
         if length_penalty is not None:
             decode = replace(decode, length_penalty=length_penalty)
         sources = self.encode(texts)
-        hyps = translate_ids(self.model, sources, decode, nbest=nbest)
+        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             if not text.strip():

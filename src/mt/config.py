@@ -96,9 +96,9 @@ class TrainConfig:
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
     patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)
-    average_last: int = option(0, "at the end, average the last N numbered checkpoints; kept as best.pt if "
+    average_last: int = option(3, "at the end, average the last N numbered checkpoints; kept as best.pt if "
                                "its validation BLEU is higher (0 = off; needs keep_checkpoints >= N)", min=0)
-    tune_decoding: bool = option(False, "at the end, choose beam size and length penalty on the valid set and "
+    tune_decoding: bool = option(True, "at the end, choose beam size and length penalty on the valid set and "
                                  "store them as the run's decode defaults")
     max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
 

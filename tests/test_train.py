@@ -106,3 +106,30 @@ def test_loss_is_torch_label_smoothed_cross_entropy():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(nll, F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(),
                                                     ignore_index=0, reduction="sum"))
+
+
+def test_tensorboard_logging(in_tmp, monkeypatch):
+    import sys
+    import types
+
+    from mt.errors import MtError
+
+    written = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, folder):
+            written.append(("folder", folder))
+
+        def add_scalar(self, name, value, step):
+            written.append((name, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train(load_config(TINY, [*short("board", 10), "train.tensorboard=true"]), show_progress=False)
+    assert written[0][1].endswith("runs/board/tensorboard")
+    assert ("train_loss", 5) in written and ("valid_bleu", 10) in written
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(MtError, match=r"pip install 'mt\[tensorboard\]'"):
+        train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)

@@ -93,6 +93,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding)")
+    tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
+                                      "'mt[tensorboard]')")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
     patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)

@@ -326,6 +326,7 @@ class Trainer:
              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
             lr=tc.lr, betas=tc.adam_betas, eps=1e-9, fused=self.device.type == "cuda",
         )
+        self.tensorboard = _tensorboard_writer(run_dir) if tc.tensorboard and self.ctx.is_main else None
         self.progress = Progress()
         if resume:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
@@ -377,8 +378,7 @@ class Trainer:
                     if p.step % tc.log_every == 0:
                         record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(self.ctx), "lr": lr,
                                   "seconds": round(p.seconds, 1)}
-                        if self.ctx.is_main:
-                            checkpoint.append_metrics(self.run_dir, record)
+                        self.record(record)
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
                                         bleu=f"{max(p.best_bleu, 0):.1f}")
@@ -476,7 +476,7 @@ class Trainer:
         metrics = validate(self.model, self.data, self.config, self.device, self.amp)
         record = {"step": p.step, "epoch": p.epoch + 1, **metrics,
                   "validation_seconds": round(time.perf_counter() - started, 2)}
-        checkpoint.append_metrics(self.run_dir, record)
+        self.record(record)
         improved = metrics["valid_bleu"] > p.best_bleu
         if improved:
             p.best_bleu, p.best_step, p.bad_validations = metrics["valid_bleu"], p.step, 0
@@ -503,8 +503,7 @@ class Trainer:
         metrics = validate(self.model, self.data, self.config, self.device, self.amp)
         self.model.load_state_dict(trained)
         p = self.progress
-        record = {"step": p.step, "averaged": [path.name for path in paths], **metrics}
-        checkpoint.append_metrics(self.run_dir, record)
+        self.record({"step": p.step, "averaged": [path.name for path in paths], **metrics})
         state = {"model": averaged, "step": p.step, "valid_bleu": metrics["valid_bleu"],
                  "averaged": [path.name for path in paths]}
         checkpoint.save(state, self.run_dir / checkpoint.AVERAGED)
@@ -516,12 +515,32 @@ class Trainer:
             p.best_bleu = metrics["valid_bleu"]
             self.save_last()
 
+    def record(self, record: dict[str, Any]) -> None:
+        """Appends a metrics record to metrics.jsonl (and TensorBoard, when on); rank 0 only."""
+        if not self.ctx.is_main:
+            return
+        checkpoint.append_metrics(self.run_dir, record)
+        if self.tensorboard is not None:
+            prefix = "averaged/" if "averaged" in record else ""
+            for name, value in record.items():
+                if name not in ("step", "epoch") and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(prefix + name, value, record["step"])
+            self.tensorboard.flush()
+
     def save_last(self) -> None:
         if not self.ctx.is_main:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "progress": asdict(self.progress), "rng": _rng_state(), "config": config_to_dict(self.config)}
         checkpoint.save_numbered(state, self.run_dir, self.progress.step, keep=self.tc.keep_checkpoints)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MtError("train.tensorboard needs the tensorboard package: pip install 'mt[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class _Window:

@@ -100,7 +100,7 @@ def evaluate_run(
     for spec in tests or [data.test]:
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
         sources, references = read_corpus(files)
-        hypotheses = translator.translate(sources, beam_size=beam)
+        hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
         stem = re.sub(r"[^\w.-]+", ".", files.name if isinstance(spec, str) or not hasattr(files, "src")
                       else files.src.stem)
         hyp_path = out_dir / f"{stem}.beam{beam}.{data.tgt_lang}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mt import checkpoint
 from mt.attention import fast_kernels
@@ -34,20 +35,22 @@ def translate_ids(
     nbest: int = 1,
     use_cache: bool = True,
     amp: torch.dtype | None = None,
+    progress: str | None = None,
 ) -> list[list[Hypothesis]]:
     """Translates token-id sentences (no EOS) with greedy (beam_size 1) or beam search, under autocast to
-    `amp` when given.
+    `amp` when given. `progress` names a progress bar (shown on a terminal only).
 
     Returns:
         For each source, in order, its `nbest` hypotheses (1 for greedy), best first.
     """
     model.eval()
     device = next(model.parameters()).device
-    with fast_kernels(device), autocast(device, amp):
-        return _translate_ids(model, sources, decode, nbest, use_cache, device)
+    with fast_kernels(device), autocast(device, amp), tqdm(total=len(sources), unit="sent", desc=progress,
+                                                           disable=None if progress else True, leave=False) as bar:
+        return _translate_ids(model, sources, decode, nbest, use_cache, device, bar)
 
 
-def _translate_ids(model, sources, decode, nbest, use_cache, device) -> list[list[Hypothesis]]:
+def _translate_ids(model, sources, decode, nbest, use_cache, device, bar) -> list[list[Hypothesis]]:
     limit = model.config.max_positions - 1
     sources = [list(s[:limit]) for s in sources]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -68,6 +71,7 @@ def _translate_ids(model, sources, decode, nbest, use_cache, device) -> list[lis
             hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest)
         for i, h in zip(chunk, hyps, strict=True):
             results[i] = h
+        bar.update(len(chunk))
         start = end
     return results
 
@@ -120,7 +124,7 @@ class Translator:
 
     def translate_nbest(
         self, texts: Sequence[str], beam_size: int | None = None, length_penalty: float | None = None,
-        nbest: int = 1,
+        nbest: int = 1, progress: str | None = None,
     ) -> list[list[Translation]]:
         """The `nbest` best translations of each text, best first (one for greedy search)."""
         decode = self.config.decode
@@ -129,7 +133,7 @@ class Translator:
         if length_penalty is not None:
             decode = replace(decode, length_penalty=length_penalty)
         sources = self.encode(texts)
-        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp)
+        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             if not text.strip():

@@ -64,6 +64,7 @@ def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
     result = run("eval", "--test", "multi30k:test_2016_flickr", "--beam", 1)
     assert result.exit_code == 0, result.output
     assert "BLEU" in result.stdout and "chrF2" in result.stdout and "tok:13a" in result.stdout
+    assert result.stdout.splitlines()[1].startswith("multi30k:test_2016_flickr")  # one row per test set
     result = run("eval", "--run", "runs/tiny", "--json", "--beam", 1)
     [report] = json.loads(result.stdout)
     assert report["test"] == "multi30k:test_2016_flickr" and report["sentences"] == 1000
@@ -237,3 +238,43 @@ def test_plot_runs_and_info(trained, monkeypatch):
     assert listing.exit_code == 0 and "tiny" in listing.stdout
     details = run("info", "runs/tiny")
     assert details.exit_code == 0 and "parameters:" in details.stdout and "vocabulary: 600" in details.stdout
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "pattern"),
+    [
+        (lambda d: None, ["train", "--config", "nowhere.yaml"], r"config file not found: nowhere\.yaml"),
+        (lambda d: None, ["train", "--config", TINY, "--set", "data.train={src: no.fr, tgt: no.en}"],
+         r"corpus file not found: no\.fr"),
+        (lambda d: (d / "bad.fr").write_bytes(b"ok\n\xff\n") and (d / "bad.en").write_bytes(b"ok\nok\n"),
+         ["train", "--config", TINY, "--set", "data.train={src: bad.fr, tgt: bad.en}"],
+         r"bad\.fr, line 2: not valid UTF-8"),
+        (lambda d: None, ["train", "--config", TINY, "--set", "data.max_tokens=1"],
+         r"no training pairs left after filtering multi30k:train \(data\.max_tokens=1"),
+        (lambda d: None, ["train", "--config", TINY, "--set", "tokenizer.vocab_size=90000"],
+         r"tokenizer\.vocab_size=90000 is too large"),
+        (lambda d: (d / "runs" / "x").mkdir(parents=True), ["translate", "--run", "runs/x", "Bonjour."],
+         r"runs/x is not a run folder: it has no config\.yaml"),
+        (lambda d: None, ["train", "--config", TINY, "--resume"], r"cannot resume: runs/tiny is not a run folder"),
+    ],
+    ids=["missing-config", "missing-corpus", "non-utf8", "empty-after-filtering", "vocab-too-large",
+         "run-without-config", "resume-nothing"],
+)
+def test_bad_input_gets_one_line_and_exit_2(in_tmp, setup, args, pattern):
+    setup(in_tmp)
+    one_line_error(run(*args), pattern)
+
+
+def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_path):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained / "runs" / "tiny", "broken")
+    Path("broken/tokenizer.model").unlink()
+    one_line_error(run("translate", "--run", "broken", "Un chat."), r"tokenizer not found: broken/tokenizer\.model")
+    shutil.copytree(trained / "runs" / "tiny", "empty")
+    for name in Path("empty").glob("*.pt"):
+        name.unlink()
+    one_line_error(run("translate", "--run", "empty", "Un chat."), r"checkpoint not found: empty/last\.pt")
+    Path("empty/last.pt").write_bytes(b"not a checkpoint")
+    one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")

@@ -311,11 +311,15 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
-    for result in results:
-        typer.echo(f"{result['test']}  ({result['sentences']} sentences, beam {result['beam_size']}, "
-                   f"hypotheses in {result['hypotheses']})")
-        for s in result["scores"]:
-            typer.echo(f"  {s['metric']:<5} {s['score']:6.2f}  {s['signature']}")
+    width = max(len(r["test"]) for r in results)
+    typer.echo(f"{'test set':<{width}}  sentences  beam   BLEU  chrF2  hypotheses")
+    for r in results:
+        scores = {s["metric"]: s["score"] for s in r["scores"]}
+        typer.echo(f"{r['test']:<{width}}  {r['sentences']:>9}  {r['beam_size']:>4}  {scores['BLEU']:5.2f}  "
+                   f"{scores['chrF2']:5.2f}  {r['hypotheses']}")
+    signatures = {s["metric"]: s["signature"] for r in results for s in r["scores"]}
+    for metric, signature in signatures.items():
+        typer.echo(f"{metric} signature: {signature}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import itertools
 import logging
+import sys
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,8 @@ def load_corpus(files: CorpusFiles | DatasetCorpus, max_pairs: int = 0):
     """
     import datasets
 
-    datasets.disable_progress_bars()
+    if not sys.stderr.isatty():  # progress bars of reading and tokenizing: on a terminal only
+        datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     ds = _load_dataset(files) if isinstance(files, DatasetCorpus) else _load_files(files)
     if max_pairs and len(ds) > max_pairs:

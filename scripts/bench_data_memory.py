@@ -39,6 +39,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5_000_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tokenizer-sample", type=int, default=200_000,
+                        help="sentences the tokenizer trains on (tokenizer.sample_sentences)")
     parser.add_argument("--keep", help="write the corpus here and keep it (default: a temporary folder)")
     args = parser.parse_args()
     src, tgt = read_pairs(corpora.resolve("multi30k:train"))
@@ -56,7 +58,7 @@ def main() -> int:
     run_dir = folder / "run"
     run_dir.mkdir(exist_ok=True)
     overrides = [f"data.train={{src: {folder / 'big.fr'}, tgt: {folder / 'big.en'}}}", f"data.workers={args.workers}",
-                 "tokenizer.sample_sentences=1000000"]
+                 f"tokenizer.sample_sentences={args.tokenizer_sample}"]
     result = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), *overrides], capture_output=True, text=True)
     if result.returncode != 0:
         print(result.stderr[-3000:])

@@ -18,10 +18,15 @@ STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train
 
 def mt_train(folder, launcher, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [*launcher, "train", "--config", TINY, "--quiet"]
+    args = [*launcher, "train", "--config", TINY, "--quiet", "--overwrite"]
     for override in (*STEPS, *overrides):
         args += ["--set", override]
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "exitcode  : -6" in result.stderr:
+        # Known, not yet understood: twice in about 20 torchrun launches (both times the first launch in a
+        # fresh environment, on a loaded machine) rank 0 died with "terminate called without an active
+        # exception" (SIGABRT). One more launch; a wrong result still fails below.
+        result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "runs" / "tiny"
 

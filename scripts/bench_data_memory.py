@@ -23,15 +23,26 @@ from mt import corpora
 from mt.data import read_pairs
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 from pathlib import Path
 from mt.config import load_config
 from mt.train import prepare_data
+
+peak_anon = 0
+def sample():  # RssAnon: memory of the process's own, not pages of memory-mapped files the OS can drop
+    global peak_anon
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon = max(peak_anon, int(line.split()[1]))
+        time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
 config = load_config(None, sys.argv[2:])
 start = time.perf_counter()
 data = prepare_data(config, Path(sys.argv[1]))
 print(json.dumps({"pairs": len(data.train), "seconds": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_anon_mib": peak_anon / 1024}))
 """
 
 
@@ -65,8 +76,10 @@ def main() -> int:
         return 1
     report = json.loads(result.stdout.strip().splitlines()[-1])
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"data preparation of {report['pairs']:,} pairs: {report['seconds']:.0f} s, peak RSS "
-          f"{report['peak_rss_mib']:,.0f} MiB (largest child process, workers included: {children:,.0f} MiB)")
+    print(f"data preparation of {report['pairs']:,} pairs: {report['seconds']:.0f} s; peak RSS "
+          f"{report['peak_rss_mib']:,.0f} MiB, of which memory of its own (RssAnon, sampled every 0.1 s) at most "
+          f"{report['peak_anon_mib']:,.0f} MiB, the rest pages of memory-mapped Arrow files; largest child "
+          f"process, tokenizing workers included: {children:,.0f} MiB")
     return 0
 
 

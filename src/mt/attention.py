@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mt.masks import causal_mask
+
 
 class KVCache:
     """Keys and values of one attention layer, each (B, H, L, D).
@@ -90,7 +92,7 @@ def scaled_dot_product_attention(
         return out, None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if is_causal:
-        causal = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        causal = causal_mask(q.size(2), q.device)
         mask = causal if mask is None else mask & causal
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

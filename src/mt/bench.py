@@ -34,6 +34,7 @@ from mt.config import Config, ModelConfig
 from mt.data import Batch, collate, make_batches, read_corpus
 from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.layers import SinusoidalPositions
+from mt.masks import causal_mask
 from mt.model import Transformer
 from mt.tokenizer import PAD
 from mt.train import loss_fn, prepare_data
@@ -98,7 +99,7 @@ class ReferenceTransformer(nn.Module):
         def embed(x):
             return self.embed(x) * math.sqrt(self.d_model) + self.positions(x.size(1))
 
-        causal = torch.ones(tgt.size(1), tgt.size(1), dtype=torch.bool, device=tgt.device).triu(1)  # True = masked
+        causal = ~causal_mask(tgt.size(1), tgt.device)  # torch's boolean masks: True = may NOT attend
         out = self.transformer(embed(src), embed(tgt), tgt_mask=causal, src_key_padding_mask=src == PAD,
                                tgt_key_padding_mask=tgt == PAD, memory_key_padding_mask=src == PAD)
         return out @ self.embed.weight.t()

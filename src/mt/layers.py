@@ -108,7 +108,7 @@ class DecoderLayer(nn.Module):
         weights (B, H, T, S) if asked for.
 
         Without caches, position t sees target positions <= t (causal). With caches, x holds only the
-        newest positions, which see every cached one; `memory` may then be None.
+        newest position, which sees every cached one; `memory` may then be None.
         """
         if self.norm_first:
             x = x + self._self_attention_block(self.norm1(x), self_cache)

@@ -382,7 +382,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
                                         bleu=f"{max(p.best_bleu, 0):.1f}")
-                    finished = self.finished()
+                    # Rank 0 decides both at once: one message per step under DDP.
+                    finished, stop = distributed.from_main(self.ctx, (self._finished_here(), signals.received))
                     if p.step % tc.valid_every == 0 or finished:
                         self.validate_and_save()
                         last_validated = p.step
@@ -390,7 +391,6 @@ class Trainer:
                         p.seconds, clock = p.seconds + now - clock, now
                         window.flush(self.ctx)
                         finished = self.finished()
-                    stop = distributed.from_main(self.ctx, signals.received)
                     if stop:
                         self.save_last()
                         distributed.barrier(self.ctx)

@@ -9,6 +9,7 @@ projection is spent on padding. On CUDA the forward pass runs under bf16 autocas
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -73,6 +74,11 @@ class PreparedData:
     valid: Any
     src_len: np.ndarray
     tgt_len: np.ndarray
+
+    @functools.cached_property
+    def valid_columns(self) -> dict[str, list]:
+        """The validation set as column lists, read from Arrow once per run rather than at every validation."""
+        return self.valid[:]
 
 
 def inverse_sqrt_schedule(step: int, warmup: int) -> float:
@@ -185,7 +191,7 @@ def validate(model: Transformer, data: PreparedData, config: Config, device: tor
     """Validation loss (per token, no smoothing) on all valid pairs, and greedy BLEU on the first
     `train.valid_sentences` of them."""
     model.eval()
-    valid = data.valid[:]  # a dict of column lists
+    valid = data.valid_columns
     limit = model.config.max_positions - 1
     src_ids = [ids[:limit] for ids in valid["src_ids"]]
     tgt_ids = [ids[: limit - 1] for ids in valid["tgt_ids"]]

@@ -50,11 +50,27 @@ def test_causal_self_attention_matches_torch():
     torch.testing.assert_close(explicit, ref)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_query_attention_matches_torch_with_padding(autocast):
+    # One query per row on the CPU takes mt's written-out fp32 path (decoding); torch's module checks it.
+    ours, theirs = copied_pair()
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    query, memory = torch.randn(2, 1, 16), torch.randn(2, 5, 16)
+    mask = padding_mask(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, weights = ours(query, memory, mask=mask, need_weights=True)
+    ref, ref_weights = theirs(query, memory, memory, key_padding_mask=~mask[:, 0, 0], average_attn_weights=False)
+    tolerance = {"atol": 0.05, "rtol": 0.05} if autocast else {}
+    torch.testing.assert_close(out.float(), ref, **tolerance)
+    torch.testing.assert_close(weights.float(), ref_weights, **tolerance)
+    assert weights[1, :, 0, 3:].abs().sum() == 0  # padding gets no attention
+
+
 def test_growing_cache_matches_full_causal_attention():
     ours, _ = copied_pair()
     x = torch.randn(2, 6, 16)
     full, _ = ours(x, is_causal=True)
-    cache = KVCache.empty(2, 4, 3, 4, like=x)  # shorter than needed: it must grow
+    cache = KVCache.empty(2, 4, 3, 4, x.dtype, x.device)  # shorter than needed: it must grow
     steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
     assert cache.length == 6

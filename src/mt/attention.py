@@ -29,9 +29,11 @@ class KVCache:
         self.k, self.v, self.length, self.growing = k, v, length, growing
 
     @classmethod
-    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor) -> KVCache:
+    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device) -> KVCache:
         shape = (batch, heads, max_len, head_dim)
-        return cls(like.new_empty(shape), like.new_empty(shape), 0, growing=True)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+                   0, growing=True)
 
     @classmethod
     def fixed(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
@@ -85,8 +87,11 @@ def scaled_dot_product_attention(
     """softmax(q k^T / sqrt(D)) v on (B, H, T, D) queries and (B, H, S, D) keys/values.
 
     The fused kernel (`F.scaled_dot_product_attention`) is used unless the weights are asked for, in which
-    case the same formula is written out so the (B, H, T, S) weights can be returned.
+    case the same formula is written out so the (B, H, T, S) weights can be returned, or for one query per
+    row on the CPU (a decoding step), see `_one_query_attention`.
     """
+    if q.device.type == "cpu" and q.size(2) == 1 and dropout == 0.0:
+        return _one_query_attention(q, k, v, mask, need_weights)
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         return out, None
@@ -98,6 +103,21 @@ def scaled_dot_product_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     return F.dropout(weights, dropout) @ v, weights
+
+
+def _one_query_attention(q, k, v, mask, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a single query per row (a decoding step) on the CPU, written out in fp32.
+
+    torch's CPU math kernel converts bf16 keys and values to fp32 at every call, which for a KV cache
+    costs as much as the attention itself; the decoder's caches are kept in fp32 instead (`Transformer.
+    start_cache`), so this reads them as they are. (bf16 batched products of one query were no faster here.)
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.float() / math.sqrt(q.size(-1))) @ k.float().transpose(-2, -1)  # (B, H, 1, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        return weights @ v.float(), weights if need_weights else None
 
 
 class MultiHeadAttention(nn.Module):
@@ -158,7 +178,8 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of the encoder output (B, S, E), each (B, H, S, D): computed once per sentence."""
         E = self.d_model
         k, v = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
-        return self._split_heads(k), self._split_heads(v)
+        # Contiguous, so the matrix products of every decoding step read them as they are, without a copy.
+        return self._split_heads(k).contiguous(), self._split_heads(v).contiguous()
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mt.attention import KVCache
@@ -99,7 +100,9 @@ class Transformer(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""
-        return states @ self.embed.weight.t()
+        # F.linear, not `states @ weight.t()`: autocast converts the weight itself once and reuses that copy
+        # for every decoding step, where a transposed view would be converted again at each step.
+        return F.linear(states, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N positions
@@ -111,11 +114,12 @@ class Transformer(nn.Module):
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""
         B = memory.size(0)
+        # fp32 whatever the autocast: `attention._one_query_attention` reads them at every step as they are.
         self_caches, cross_caches = [], []
         for layer in self.decoder_layers:
             attn = layer.self_attn
-            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, like=memory))
-            cross_caches.append(KVCache.fixed(*layer.cross_attn.project_memory(memory)))
+            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, torch.float32, memory.device))
+            cross_caches.append(KVCache.fixed(*(x.float() for x in layer.cross_attn.project_memory(memory))))
         return DecoderCache(self_caches, cross_caches, memory_mask)
 
     def decode_step(

@@ -45,7 +45,7 @@ class CachedStepper:
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
         logits, _ = self.model.decode_step(history[:, -1], self.cache)
-        return logits.float().log_softmax(dim=-1)
+        return logits.log_softmax(dim=-1, dtype=torch.float32)
 
     def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
         self.cache.reorder(index, cross_attention=sentences_changed)
@@ -60,7 +60,7 @@ class RecomputeStepper:
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
         states = self.model.decode(history, self.memory, self.mask)[:, -1]
-        return self.model.logits(states).float().log_softmax(dim=-1)
+        return self.model.logits(states).log_softmax(dim=-1, dtype=torch.float32)
 
     def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
         if sentences_changed:

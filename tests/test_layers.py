@@ -1,10 +1,10 @@
-"""Our encoder and decoder layers against torch's, with copied weights and dropout off."""
+"""Our encoder and decoder layers against torch's, with copied weights and dropout off; our dropout."""
 
 import pytest
 import torch
 from torch import nn
 
-from mt.layers import DecoderLayer, EncoderLayer, SinusoidalPositions
+from mt.layers import DecoderLayer, Dropout, EncoderLayer, SinusoidalPositions
 from mt.masks import causal_mask, padding_mask
 
 D, H, FF = 16, 4, 32
@@ -63,3 +63,28 @@ def test_sinusoidal_positions_follow_the_formula():
     torch.testing.assert_close(table[pos, 2 * i], torch.sin(angle))
     torch.testing.assert_close(table[pos, 2 * i + 1], torch.cos(angle))
     assert SinusoidalPositions(8, 50)(3, start=7).equal(table[7:10])
+
+
+def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    dropout = Dropout(0.2)
+    x = torch.ones(1000, 256, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.2) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01
+    torch.testing.assert_close(y.unique(), torch.tensor([0.0, 1.25]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the kept units only, scaled
+    assert dropout.eval()(x) is x
+    assert Dropout(0.0)(x) is x
+
+
+def test_dropout_keeps_bf16_and_follows_the_seed():
+    x = torch.randn(64, 32).bfloat16()
+    torch.manual_seed(1)
+    a = Dropout(0.3)(x)
+    torch.manual_seed(1)
+    b = Dropout(0.3)(x)
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b)

@@ -36,6 +36,29 @@ class SinusoidalPositions(nn.Module):
         return self.table[start : start + length]
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as `nn.Dropout`, with a mask drawn as uniform floats compared to p.
+
+    On the CPU, `nn.Dropout`'s Bernoulli draws took 15% of a training step (scripts/profile_step.py); uniform
+    draws are about twice as fast, forward and backward together. Elsewhere `F.dropout` (fused) is used.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p)
+        return x * keep.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class FeedForward(nn.Module):
     """Position-wise linear -> activation -> dropout -> linear (fairseq's `activation_dropout`)."""
 
@@ -43,7 +66,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.activation = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +83,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +115,7 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(

@@ -16,7 +16,7 @@ from torch import nn
 
 from mt.attention import KVCache
 from mt.config import ModelConfig
-from mt.layers import DecoderLayer, EncoderLayer, SinusoidalPositions
+from mt.layers import DecoderLayer, Dropout, EncoderLayer, SinusoidalPositions
 from mt.masks import padding_mask
 from mt.tokenizer import PAD
 
@@ -53,7 +53,7 @@ class Transformer(nn.Module):
                       config.activation, norm_first, config.activation_dropout)
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)
         self.positions = SinusoidalPositions(d, config.max_positions)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
         # Pre-norm stacks end with a LayerNorm; post-norm layers already end with one.

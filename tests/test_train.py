@@ -156,27 +156,43 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(in_tmp, monkeypatch, caplog):
+def poison_training_steps(monkeypatch, steps):
+    """Makes the loss NaN at these training steps (1-based; validation passes are left alone)."""
     import mt.train
-    from mt.errors import MtError
 
-    real_loss = mt.train.loss_fn
-    poisoned = {"from": 6}  # steps from the 6th on give a NaN loss
+    real_loss, calls = mt.train.loss_fn, {"n": 0}
 
     def loss_fn(model, batch, smoothing):
         loss, nll = real_loss(model, batch, smoothing)
-        poisoned["calls"] = poisoned.get("calls", 0) + 1
-        return (loss * float("nan"), nll) if poisoned["calls"] >= poisoned["from"] else (loss, nll)
+        if not model.training:
+            return loss, nll
+        calls["n"] += 1
+        return (loss * float("nan"), nll) if calls["n"] in steps else (loss, nll)
 
     monkeypatch.setattr(mt.train, "loss_fn", loss_fn)
+
+
+def test_nonfinite_updates_are_skipped_and_training_goes_on(in_tmp, monkeypatch, caplog):
+    poison_training_steps(monkeypatch, {6, 7, 8})
+    config = load_config(TINY, ["name=nan", "train.max_steps=12", "train.valid_every=6", "train.log_every=2",
+                                "train.max_nonfinite=4", "data.max_pairs=300"])
+    run_dir = train(config, show_progress=False)
+    # Reported at the logging steps 6 and 8: the NaN of step 6, then those of steps 7 and 8.
+    assert "1 update(s) skipped for a non-finite gradient by step 6" in caplog.text
+    assert "2 update(s) skipped for a non-finite gradient by step 8 (3 in a row at most)" in caplog.text
+    saved = checkpoint.load(run_dir / checkpoint.LAST)
+    assert saved["progress"]["step"] == 12
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())  # the NaN updates were never applied
+    # Adam took 9 updates, not 12: the skipped ones left its state (and step count) untouched.
+    assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {9}
+
+
+def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
+    from mt.errors import MtError
+
+    poison_training_steps(monkeypatch, set(range(6, 100)))
     config = load_config(TINY, ["name=nan", "train.max_steps=40", "train.valid_every=5", "train.log_every=2",
                                 "train.max_nonfinite=4", "data.max_pairs=300"])
     # Checked at logging intervals (every 2 steps here): the 4th in a row or the one after it stops the run.
     with pytest.raises(MtError, match="[45] non-finite updates in a row"):
         train(config, show_progress=False)
-    assert "skipped for a non-finite gradient" in caplog.text
-    run_dir = Path("runs/nan")
-    saved = checkpoint.load(run_dir / checkpoint.LAST)
-    assert saved["progress"]["step"] == 5  # the last validation before the NaNs began
-    # The skipped updates left the weights finite: the model of the failing run is still usable.
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())

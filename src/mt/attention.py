@@ -90,7 +90,7 @@ def scaled_dot_product_attention(
     case the same formula is written out so the (B, H, T, S) weights can be returned, or for one query per
     row on the CPU (a decoding step), see `_one_query_attention`.
     """
-    if q.device.type == "cpu" and q.size(2) == 1 and dropout == 0.0:
+    if q.device.type == "cpu" and q.size(2) == 1 and dropout == 0.0 and not is_causal:
         return _one_query_attention(q, k, v, mask, need_weights)
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
@@ -117,7 +117,7 @@ def _one_query_attention(q, k, v, mask, need_weights: bool) -> tuple[torch.Tenso
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(dim=-1)
-        return weights @ v.float(), weights if need_weights else None
+        return (weights @ v.float()).to(q.dtype), weights if need_weights else None
 
 
 class MultiHeadAttention(nn.Module):

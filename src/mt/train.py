@@ -201,6 +201,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         return loss, nll
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
         log_probs, target = ctx.saved_tensors
         grad = log_probs.exp_()  # softmax, in place: the saved log-probabilities are not needed again
@@ -453,7 +454,7 @@ class Trainer:
         for the device), the target tokens and the learning rate.
 
         Raises:
-            MtError: on CUDA out-of-memory, or after `train.max_nonfinite` non-finite updates in a row.
+            MtError: on CUDA out-of-memory.
         """
         tc, p = self.tc, self.progress
         batches, tokens = [], 0
@@ -511,6 +512,7 @@ class Trainer:
 
     def validate_and_save(self) -> None:
         """Validates and saves on rank 0; every rank then takes rank 0's progress (best BLEU, patience)."""
+        self.check_nonfinite()  # on every rank: each holds the same count, and all stop together
         if self.ctx.is_main:
             self._validate_and_save()
         for name, value in distributed.from_main(self.ctx, asdict(self.progress)).items():
@@ -518,7 +520,6 @@ class Trainer:
         distributed.barrier(self.ctx)
 
     def _validate_and_save(self) -> None:
-        self.check_nonfinite()
         p = self.progress
         started = time.perf_counter()
         metrics = validate(self.model, self.data, self.config, self.device, self.amp)
@@ -578,6 +579,7 @@ class Trainer:
     def save_last(self) -> None:
         if not self.ctx.is_main:
             return
+        self.progress.nonfinite_in_a_row = self.nonfinite.current()  # up to date, also when a signal stops the run
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "progress": asdict(self.progress), "rng": _rng_state(), "config": config_to_dict(self.config)}
         checkpoint.save_numbered(state, self.run_dir, self.progress.step, keep=self.tc.keep_checkpoints)
@@ -603,6 +605,10 @@ class _NonFinite:
         self.in_a_row = (self.in_a_row + found_inf) * found_inf
         self.worst = torch.maximum(self.worst, self.in_a_row)
         self.skipped += found_inf
+
+    def current(self) -> int:
+        """How many updates in a row have been skipped up to now."""
+        return int(self.in_a_row)
 
     def read(self) -> tuple[int, int, int]:
         """(skipped, in a row now, longest run in a row) since the last read, which resets the count."""

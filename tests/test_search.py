@@ -7,7 +7,7 @@ import torch
 
 from mt.config import ModelConfig
 from mt.model import Transformer
-from mt.search import CachedStepper, RecomputeStepper, beam_search, greedy_search
+from mt.search import CachedStepper, RecomputeStepper, beam_search, compaction, greedy_search, stable_slots
 from mt.tokenizer import BOS, EOS, PAD
 
 V = 50
@@ -83,7 +83,7 @@ class FixedStepper:
                 out[row, token] = math.log(p)
         return out
 
-    def reorder(self, index, sentences_changed=True):
+    def reorder(self, index, sentences=None):
         pass
 
 
@@ -111,3 +111,21 @@ def test_maximum_length_finishes_open_beams():
     assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.30)])
     [greedy] = greedy_search(FixedStepper(), torch.tensor([1]), BOS, EOS)
     assert greedy.tokens == [4]
+
+
+def test_compaction_moves_only_rows_past_the_new_size():
+    done = torch.tensor([False, True, False, True, False, False, True, False])
+    keep = compaction(done)
+    assert sorted(keep.tolist()) == (~done).nonzero()[:, 0].tolist()  # every survivor, once
+    assert keep.tolist() == [0, 5, 2, 7, 4]  # survivors within the new size stay; the last ones fill the gaps
+
+
+def test_stable_slots_keep_one_extension_in_each_parents_slot():
+    torch.manual_seed(0)
+    parents = torch.randint(0, 5, (200, 5))
+    order = stable_slots(parents)
+    assert (order.sort(dim=1).values == torch.arange(5)).all()  # a permutation of the extensions
+    placed = parents.gather(1, order)  # the parent of the extension in each slot
+    for row, slots in zip(parents.tolist(), placed.tolist(), strict=True):
+        stay = sum(p == s for s, p in enumerate(slots))
+        assert stay == len(set(row))  # as many stay as there are distinct parents: the most possible

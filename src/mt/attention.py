@@ -21,7 +21,8 @@ class KVCache:
     """Keys and values of one attention layer, each (B, H, L, D).
 
     Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time.
-    Cross-attention caches are filled once from the encoder output (`KVCache.fixed`) and never grow.
+    Cross-attention caches are filled once from the encoder output (`KVCache.fixed`) and never grow; they hold
+    one row per sentence, which all of that sentence's beams read (see `cached_attention`).
     Beam search and batch pruning call `reorder` with the row each new row comes from.
     """
 
@@ -37,6 +38,7 @@ class KVCache:
 
     @classmethod
     def fixed(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache of the given keys and values; it owns them (`reorder` changes them in place)."""
         return cls(k, v, k.size(2), growing=False)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +54,25 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Row i of the cache becomes old row index[i] (rows may be repeated or dropped)."""
-        if self.growing and index.numel() == self.k.size(0):  # same rows count: move only the filled steps
-            filled = slice(0, self.length)
-            self.k[:, :, filled] = self.k[:, :, filled].index_select(0, index)
-            self.v[:, :, filled] = self.v[:, :, filled].index_select(0, index)
-        else:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+        """Row i of the cache becomes old row index[i] (rows may be repeated or dropped).
+
+        Only the rows that change are copied, and only their filled steps: the search keeps a beam in its
+        parent's row where it can and fills the rows of finished sentences with the last ones, so most rows
+        stay where they are (`mt.search`). That moves about a third of what copying every row would.
+        """
+        rows, filled = index.numel(), slice(0, self.length)
+        if rows > self.k.size(0):  # more rows than before (beams branching out): copy into a new buffer
+            k, v = self.k.new_empty((rows, *self.k.shape[1:])), self.v.new_empty((rows, *self.v.shape[1:]))
+            torch.index_select(self.k[:, :, filled], 0, index, out=k[:, :, filled])
+            torch.index_select(self.v[:, :, filled], 0, index, out=v[:, :, filled])
+            self.k, self.v = k, v
+            return
+        moved = (index != torch.arange(rows, device=index.device)).nonzero()[:, 0]
+        if moved.numel():
+            source = index[moved]
+            for x in (self.k[:, :, filled], self.v[:, :, filled]):
+                x.index_copy_(0, moved, x.index_select(0, source))
+        self.k, self.v = self.k[:rows], self.v[:rows]
 
 
 def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:
@@ -87,11 +100,8 @@ def scaled_dot_product_attention(
     """softmax(q k^T / sqrt(D)) v on (B, H, T, D) queries and (B, H, S, D) keys/values.
 
     The fused kernel (`F.scaled_dot_product_attention`) is used unless the weights are asked for, in which
-    case the same formula is written out so the (B, H, T, S) weights can be returned, or for one query per
-    row on the CPU (a decoding step), see `_one_query_attention`.
+    case the same formula is written out so the (B, H, T, S) weights can be returned.
     """
-    if q.device.type == "cpu" and q.size(2) == 1 and dropout == 0.0 and not is_causal:
-        return _one_query_attention(q, k, v, mask, need_weights)
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         return out, None
@@ -105,19 +115,39 @@ def scaled_dot_product_attention(
     return F.dropout(weights, dropout) @ v, weights
 
 
-def _one_query_attention(q, k, v, mask, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of a single query per row (a decoding step) on the CPU, written out in fp32.
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, need_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of the newest position(s) to a KV cache in a decoding step: (B, H, T, D) queries, which see
+    every cached key (no causal mask), and (N, H, S, D) keys/values.
 
-    torch's CPU math kernel converts bf16 keys and values to fp32 at every call, which for a KV cache
-    costs as much as the attention itself; the decoder's caches are kept in fp32 instead (`Transformer.
-    start_cache`), so this reads them as they are. (bf16 batched products of one query were no faster here.)
+    N may divide B: a cross-attention cache holds each sentence once, and the B = N * G rows are its G beams,
+    consecutive. Each sentence's queries then attend together, so the encoder keys are read once per sentence
+    rather than once per beam.
+
+    On the CPU the formula is written out in fp32: torch's CPU math kernel converts bf16 keys and values to
+    fp32 at every call, which for a KV cache costs as much as the attention itself, so the decoder's caches
+    are kept in fp32 instead (`Transformer.start_cache`) and read as they are. (bf16 batched products of a
+    few queries were no faster here.)
     """
-    with torch.autocast(q.device.type, enabled=False):
-        scores = (q.float() / math.sqrt(q.size(-1))) @ k.float().transpose(-2, -1)  # (B, H, 1, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
-        return (weights @ v.float()).to(q.dtype), weights if need_weights else None
+    B, H, T, D = q.shape
+    N = k.size(0)
+    if N != B:  # (N * G, H, T, D) -> (N, H, G * T, D)
+        q = q.view(N, B // N, H, T, D).transpose(1, 2).reshape(N, H, B // N * T, D)
+    if q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            scores = (q.float() / math.sqrt(D)) @ k.float().transpose(-2, -1)  # (N, H, G * T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = (weights @ v.float()).to(q.dtype)
+    else:
+        out, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=need_weights)
+    if N != B:  # back to one row per beam
+        out = out.view(N, H, B // N, T, D).transpose(1, 2).reshape(B, H, T, D)
+        if weights is not None:
+            weights = weights.view(N, H, B // N, T, -1).transpose(1, 2).reshape(B, H, T, -1)
+    return out, weights if need_weights else None
 
 
 class MultiHeadAttention(nn.Module):
@@ -152,7 +182,8 @@ class MultiHeadAttention(nn.Module):
             mask: boolean, broadcastable to (B, H, T, S), True where attention is allowed.
             is_causal: position t attends only to positions <= t (self-attention over a whole sequence).
             cache: self-attention: the new keys/values are appended and the query attends to all of them.
-                Cross-attention: a `KVCache.fixed` from `project_memory`, used instead of `memory`.
+                Cross-attention: a `KVCache.fixed` from `project_memory`, used instead of `memory`; it may
+                hold one row per G consecutive query rows (the beams of a sentence).
             need_weights: also return the attention weights, (B, H, T, S).
 
         Returns:
@@ -168,8 +199,11 @@ class MultiHeadAttention(nn.Module):
             q = F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
             k, v = (cache.k, cache.v) if cache is not None else self.project_memory(memory)
         q = self._split_heads(q)
-        dropout = self.dropout if self.training else 0.0
-        out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout, need_weights)
+        if cache is not None:
+            out, weights = cached_attention(q, k, v, mask, need_weights)
+        else:
+            dropout = self.dropout if self.training else 0.0
+            out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout, need_weights)
         B, H, T, D = out.shape
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, E)
         return self.out_proj(out), weights

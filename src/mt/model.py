@@ -23,25 +23,26 @@ from mt.tokenizer import PAD
 
 @dataclass
 class DecoderCache:
-    """Per decoder layer: the growing self-attention cache and the fixed cross-attention cache."""
+    """Per decoder layer: the growing self-attention cache (one row per hypothesis) and the fixed
+    cross-attention cache (one row per sentence, shared by the sentence's beams)."""
 
     self_attn: list[KVCache]
     cross_attn: list[KVCache]
-    memory_mask: torch.Tensor  # (B, 1, 1, S)
+    memory_mask: torch.Tensor  # (sentences, 1, 1, S)
 
     @property
     def length(self) -> int:
         return self.self_attn[0].length
 
-    def reorder(self, index: torch.Tensor, cross_attention: bool = True) -> None:
-        """Row i continues old row index[i]. The cross-attention keys/values and the mask depend only on the
-        sentence, so they stay when rows move only between the beams of one sentence."""
+    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """Row i continues old row index[i]. When sentences are dropped or moved, `sentences` gives the old
+        position of each sentence kept, in the new order; the rows of a sentence stay consecutive."""
         for cache in self.self_attn:
             cache.reorder(index)
-        if cross_attention:
+        if sentences is not None:
             for cache in self.cross_attn:
-                cache.reorder(index)
-            self.memory_mask = self.memory_mask.index_select(0, index)
+                cache.reorder(sentences)
+            self.memory_mask = self.memory_mask.index_select(0, sentences)
 
 
 class Transformer(nn.Module):
@@ -115,7 +116,7 @@ class Transformer(nn.Module):
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""
         B, device = memory.size(0), memory.device
         # Stored in the dtype attention reads them in at every step, so that nothing converts them per step: on
-        # the CPU fp32 (`attention._one_query_attention`), elsewhere the autocast dtype of the fused kernels.
+        # the CPU fp32 (`attention.cached_attention`), elsewhere the autocast dtype of the fused kernels.
         autocast = device.type != "cpu" and torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else torch.float32
         self_caches, cross_caches = [], []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from mt.model import Transformer
 
@@ -29,11 +30,14 @@ class Hypothesis:
 
 class Stepper(Protocol):
     def step(self, history: torch.Tensor) -> torch.Tensor:
-        """(N, t) tokens so far, BOS first -> (N, V) log-probabilities of the next token."""
+        """(N, t) tokens so far, BOS first -> (N, V) log-probabilities of the next token (a new tensor, which
+        the search may change in place)."""
 
-    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
-        """New row i continues old row index[i]. `sentences_changed` is False when rows only move between
-        the beams of their own sentence, so per-sentence state (the encoder output) can stay."""
+    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """New row i continues old row index[i]. When sentences finish or move, `sentences` gives the old
+        position of each sentence kept, in the new order, for per-sentence state (the encoder output); it is
+        None when rows only move between the beams of their own sentence. The rows of a sentence are
+        consecutive."""
 
 
 class CachedStepper:
@@ -47,8 +51,8 @@ class CachedStepper:
         logits, _ = self.model.decode_step(history[:, -1], self.cache)
         return logits.log_softmax(dim=-1, dtype=torch.float32)
 
-    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
-        self.cache.reorder(index, cross_attention=sentences_changed)
+    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        self.cache.reorder(index, sentences)
 
 
 class RecomputeStepper:
@@ -56,20 +60,54 @@ class RecomputeStepper:
 
     def __init__(self, model: Transformer, src: torch.Tensor):
         self.model = model
-        self.memory, self.mask = model.encode(src)
+        self.memory, self.mask = model.encode(src)  # one row per hypothesis
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
         states = self.model.decode(history, self.memory, self.mask)[:, -1]
         return self.model.logits(states).log_softmax(dim=-1, dtype=torch.float32)
 
-    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
-        if sentences_changed:
+    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        if sentences is not None or index.numel() != self.memory.size(0):
             self.memory, self.mask = self.memory.index_select(0, index), self.mask.index_select(0, index)
 
 
 def max_lengths(src_lengths: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
     """Longest output per sentence: a * source length + b, at most `cap`."""
     return (src_lengths.float() * a + b).long().clamp(max=cap)
+
+
+def compaction(done: torch.Tensor) -> torch.Tensor:
+    """The positions that go on, in their new order, when the True entries of `done` (G,) leave.
+
+    Survivors keep their position where it is within the new size, and the last survivors fill the gaps, so
+    that few rows of the caches move (`KVCache.reorder` copies only the rows that change).
+    """
+    go_on = ~done
+    size = int(go_on.sum())
+    keep = torch.arange(size, device=done.device)
+    keep[done[:size].nonzero()[:, 0]] = go_on[size:].nonzero()[:, 0] + size
+    return keep
+
+
+def stable_slots(parents: torch.Tensor) -> torch.Tensor:
+    """An order for each sentence's chosen extensions that keeps them in their parent beam's slot.
+
+    Args:
+        parents: (G, k), the beam (0..k-1) that each of a sentence's k chosen extensions continues.
+
+    Returns:
+        (G, k): slot s takes extension order[g, s]. The first extension of each parent takes the parent's
+        slot; the others fill the slots of beams that have no extension, in order. A cache row then moves
+        only when a beam branches, not when the ranking shuffles.
+    """
+    k = parents.size(1)
+    onehot = F.one_hot(parents, k)  # (G, extension, parent)
+    first = onehot.cumsum(dim=1).gather(2, parents[:, :, None])[:, :, 0] == 1
+    free = torch.sort(onehot.amax(dim=1), dim=1, stable=True).indices  # slots nobody continues come first
+    rank = (~first).long().cumsum(dim=1) - 1  # among the extensions that need a free slot
+    slot = torch.where(first, parents, free.gather(1, rank.clamp(min=0)))
+    extension = torch.arange(k, device=parents.device).expand_as(parents)
+    return torch.empty_like(parents).scatter_(1, slot, extension)
 
 
 @torch.no_grad()
@@ -94,16 +132,16 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) 
         step += 1
         finished = (best == eos) | (step >= max_lens[alive])
         if finished.any():
-            for row in finished.nonzero()[:, 0].tolist():
-                tokens = history[row, 1:].tolist()
+            rows = finished.nonzero()[:, 0]
+            for sentence, tokens, lp in zip(alive[rows].tolist(), history[rows, 1:].tolist(),
+                                            log_prob[rows].tolist(), strict=True):
                 if tokens[-1] == eos:
                     tokens.pop()
-                lp = log_prob[row].item()
-                results[alive[row].item()] = Hypothesis(tokens, lp, lp)
-            keep = (~finished).nonzero()[:, 0]
+                results[sentence] = Hypothesis(tokens, lp, lp)
+            keep = compaction(finished)
             alive, history, log_prob = alive[keep], history[keep], log_prob[keep]
             if alive.numel():
-                stepper.reorder(keep)
+                stepper.reorder(keep, sentences=keep)
     return results  # type: ignore[return-value]
 
 
@@ -144,7 +182,7 @@ def beam_search(
         groups = alive.numel()
         log_probs = stepper.step(history)  # (groups * k, V)
         vocab = log_probs.size(-1)
-        candidates = (scores[:, :, None] + log_probs.view(groups, k, vocab)).view(groups, k * vocab)
+        candidates = log_probs.view(groups, k, vocab).add_(scores[:, :, None]).view(groups, k * vocab)
         top_scores, top_index = candidates.topk(2 * k, dim=1)  # (groups, 2k), best first
         top_beam, top_token = top_index // vocab, top_index % vocab
         step += 1
@@ -154,29 +192,30 @@ def beam_search(
         ends |= at_limit[:, None] & (torch.arange(2 * k, device=device) < k)
         ends &= top_scores > float("-inf")
         if ends.any():
+            g, j = ends.nonzero().unbind(1)
             normaliser = float(step) ** length_penalty
-            for g, j in ends.nonzero().tolist():
-                sentence = int(alive[g])
+            for sentence, tokens, token, lp in zip(alive[g].tolist(), history[g * k + top_beam[g, j], 1:].tolist(),
+                                                   top_token[g, j].tolist(), top_scores[g, j].tolist(), strict=True):
                 if len(finished[sentence]) >= k:
                     continue
-                tokens = history[g * k + int(top_beam[g, j]), 1:].tolist()
-                token = int(top_token[g, j])
                 if token != eos:
                     tokens.append(token)
-                lp = float(top_scores[g, j])
                 finished[sentence].append(Hypothesis(tokens, lp / normaliser, lp))
-                n_finished[sentence] += 1
-        # The best k extensions that do not end the sentence go on (there are always k among 2k).
+            n_finished.index_add_(0, alive[g], torch.ones_like(g))
+        # The best k extensions that do not end the sentence go on (there are always k among 2k), each in its
+        # parent's slot where it can be.
         next_scores, pick = top_scores.masked_fill(top_token == eos, float("-inf")).topk(k, dim=1)
+        order = stable_slots(top_beam.gather(1, pick))
+        next_scores, pick = next_scores.gather(1, order), pick.gather(1, order)
         parent = (torch.arange(groups, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
         history = torch.cat([history[parent], top_token.gather(1, pick).view(-1, 1)], dim=1)
         scores = next_scores
         done = at_limit | (n_finished[alive] >= k)
-        pruned = bool(done.any())
-        if pruned:
-            keep = (~done).nonzero()[:, 0]
-            rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
-            alive, scores, history, parent = alive[keep], scores[keep], history[rows], parent[rows]
+        sentences = None
+        if done.any():
+            sentences = compaction(done)
+            rows = (sentences[:, None] * k + torch.arange(k, device=device)).view(-1)
+            alive, scores, history, parent = alive[sentences], scores[sentences], history[rows], parent[rows]
         if alive.numel():
-            stepper.reorder(parent, sentences_changed=pruned)
+            stepper.reorder(parent, sentences)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -22,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/multi30k")
     parser.add_argument("--test", default="multi30k:test_2016_flickr")
-    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[8000, 16000, 32000])
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[8000, 16000, 24000])
     parser.add_argument("--beam", type=int, default=5)
     args = parser.parse_args()
     translator = Translator.load(args.run, device="cpu")

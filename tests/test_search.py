@@ -7,7 +7,7 @@ import torch
 
 from mt.config import ModelConfig
 from mt.model import Transformer
-from mt.search import CachedStepper, RecomputeStepper, beam_search, compaction, greedy_search, stable_slots
+from mt.search import CachedStepper, RecomputeStepper, beam_search, compaction, encode, greedy_search, stable_slots
 from mt.tokenizer import BOS, EOS, PAD
 
 V = 50
@@ -111,6 +111,16 @@ def test_maximum_length_finishes_open_beams():
     assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.30)])
     [greedy] = greedy_search(FixedStepper(), torch.tensor([1]), BOS, EOS)
     assert greedy.tokens == [4]
+
+
+def test_encoding_in_chunks_cut_to_their_length_equals_encoding_the_batch(model_and_src):
+    model, src = model_and_src
+    src = src[(src != PAD).sum(1).argsort()]  # decoding batches are sorted by length
+    whole, mask = model.encode(src)
+    chunked, chunked_mask = encode(model, src, chunk_tokens=2 * src.size(1))  # 2 rows per chunk
+    assert torch.equal(mask, chunked_mask)
+    real = mask[:, 0, 0]
+    torch.testing.assert_close(chunked[real], whole[real])
 
 
 def test_compaction_moves_only_rows_past_the_new_size():

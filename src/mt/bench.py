@@ -244,7 +244,8 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
     sources = translator.tokenizer.encode(read_corpus(files)[0][:sentences])
     rows = []
     for beam in (1, 5):
-        decode = replace(translator.config.decode, beam_size=beam)
+        # The run's tuned decoding settings, with the batch size of the benchmark's config: a machine setting.
+        decode = replace(translator.config.decode, beam_size=beam, batch_tokens=config.decode.batch_tokens)
         speeds = {}
         outputs = {}
         for use_cache in (True, False):
@@ -258,9 +259,10 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
             speeds[use_cache] = len(sources) / elapsed
             outputs[use_cache] = [h[0].tokens for h in hyps]
             name = "ours (KV cache)" if use_cache else "recompute prefix"
+            precision = "bf16 autocast" if translator.amp else "fp32"
             rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} {name}: sentences/s", speeds[use_cache],
                             "sent/s", f"{len(sources)} sentences of {files.name}, {tokens / elapsed:.0f} tokens/s, "
-                            f"{'bf16 autocast' if translator.amp else 'fp32'}"))
+                            f"{precision}, decode.batch_tokens {decode.batch_tokens}"))
         same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
         rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} speed-up, cache ÷ recompute",
                         speeds[True] / speeds[False], "×", f"identical outputs: {same}/{len(sources)}"))

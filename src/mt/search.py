@@ -16,7 +16,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mt.masks import padding_mask
 from mt.model import Transformer
+from mt.tokenizer import PAD
 
 
 @dataclass
@@ -40,11 +42,29 @@ class Stepper(Protocol):
         consecutive."""
 
 
+def encode(model: Transformer, src: torch.Tensor, chunk_tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.encode(src)` for a decoding batch, a chunk of rows at a time, each chunk cut to its own longest
+    sentence. Padding is masked out, so the output at real tokens is the same; but a batch of many short
+    sentences and a few long ones no longer encodes every sentence at the longest one's length. (Decoding
+    batches are sorted by length, so consecutive rows have similar lengths.)
+    """
+    lengths = (src != PAD).sum(dim=1)
+    rows = max(1, chunk_tokens // src.size(1))
+    if rows >= src.size(0):
+        return model.encode(src)
+    chunks = [model.encode(src[start : start + rows, : int(lengths[start : start + rows].max())])[0]
+              for start in range(0, src.size(0), rows)]
+    memory = chunks[0].new_zeros((*src.shape, chunks[0].size(-1)))
+    for start, chunk in zip(range(0, src.size(0), rows), chunks, strict=True):
+        memory[start : start + rows, : chunk.size(1)] = chunk
+    return memory, padding_mask(src)
+
+
 class CachedStepper:
     """Feeds the newest token through the model's KV cache: each step costs one position."""
 
     def __init__(self, model: Transformer, src: torch.Tensor, max_len: int):
-        memory, mask = model.encode(src)
+        memory, mask = encode(model, src)
         self.model, self.cache = model, model.start_cache(memory, mask, max_len)
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
@@ -60,7 +80,7 @@ class RecomputeStepper:
 
     def __init__(self, model: Transformer, src: torch.Tensor):
         self.model = model
-        self.memory, self.mask = model.encode(src)  # one row per hypothesis
+        self.memory, self.mask = encode(model, src)  # one row per hypothesis
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
         states = self.model.decode(history, self.memory, self.mask)[:, -1]

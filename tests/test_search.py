@@ -7,7 +7,17 @@ import torch
 
 from mt.config import ModelConfig
 from mt.model import Transformer
-from mt.search import CachedStepper, RecomputeStepper, beam_search, compaction, encode, greedy_search, stable_slots
+from mt.search import (
+    CachedStepper,
+    RecomputeStepper,
+    beam_search,
+    best_extensions,
+    best_tokens,
+    compaction,
+    encode,
+    greedy_search,
+    stable_slots,
+)
 from mt.tokenizer import BOS, EOS, PAD
 
 V = 50
@@ -121,6 +131,20 @@ def test_encoding_in_chunks_cut_to_their_length_equals_encoding_the_batch(model_
     assert torch.equal(mask, chunked_mask)
     real = mask[:, 0, 0]
     torch.testing.assert_close(chunked[real], whole[real])
+
+
+def test_vocabulary_passes_in_blocks_equal_one_pass_over_the_batch():
+    torch.manual_seed(1)
+    logits, scores = torch.randn(37 * 5, V), torch.randn(37, 5)  # 185 rows: several blocks on the CPU
+    top_scores, top_index = best_extensions(logits.view(37, 5, V), scores, 10)
+    candidates = (logits.log_softmax(dim=-1).view(37, 5, V) + scores[:, :, None]).view(37, 5 * V)
+    expected = candidates.topk(10, dim=1)
+    torch.testing.assert_close(top_scores, expected.values)
+    assert torch.equal(top_index, expected.indices)
+    log_prob, token = best_tokens(logits)
+    expected = logits.log_softmax(dim=-1).max(dim=-1)
+    torch.testing.assert_close(log_prob, expected.values)
+    assert torch.equal(token, expected.indices)
 
 
 def test_compaction_moves_only_rows_past_the_new_size():

@@ -32,8 +32,8 @@ class Hypothesis:
 
 class Stepper(Protocol):
     def step(self, history: torch.Tensor) -> torch.Tensor:
-        """(N, t) tokens so far, BOS first -> (N, V) log-probabilities of the next token (a new tensor, which
-        the search may change in place)."""
+        """(N, t) tokens so far, BOS first -> (N, V) scores of the next token (logits: the search normalises
+        them into log-probabilities)."""
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """New row i continues old row index[i]. When sentences finish or move, `sentences` gives the old
@@ -68,8 +68,7 @@ class CachedStepper:
         self.model, self.cache = model, model.start_cache(memory, mask, max_len)
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model.decode_step(history[:, -1], self.cache)
-        return logits.log_softmax(dim=-1, dtype=torch.float32)
+        return self.model.decode_step(history[:, -1], self.cache)[0]
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         self.cache.reorder(index, sentences)
@@ -84,7 +83,7 @@ class RecomputeStepper:
 
     def step(self, history: torch.Tensor) -> torch.Tensor:
         states = self.model.decode(history, self.memory, self.mask)[:, -1]
-        return self.model.logits(states).log_softmax(dim=-1, dtype=torch.float32)
+        return self.model.logits(states)
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         if sentences is not None or index.numel() != self.memory.size(0):
@@ -130,6 +129,44 @@ def stable_slots(parents: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(parents).scatter_(1, slot, extension)
 
 
+def _block_rows(logits: torch.Tensor) -> int:
+    """How many rows of (N, V) logits the vocabulary-wide passes of a search step take at a time.
+
+    On the CPU a block's log-probabilities (80 x 8k vocabulary x 4 bytes: 2.5 MB) are still in the cache
+    when the next pass reads them; a whole decoding batch's (tens of MB) is not. A GPU takes the batch in one
+    block.
+    """
+    return 80 if logits.device.type == "cpu" else max(1, logits.size(0))
+
+
+def best_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits -> the log-probability of each row's most probable token, and that token, (N,) each."""
+    block = _block_rows(logits)
+    best = [logits[start : start + block].log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
+            for start in range(0, logits.size(0), block)]
+    return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
+
+
+def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best extensions of each sentence's beams: scores + log-probabilities, ranked over all k beams.
+
+    Args:
+        logits: (G, k, V) next-token logits of the k beams of G sentences.
+        scores: (G, k) the beams' scores so far.
+
+    Returns:
+        (G, n) extension scores, best first, and their indices into the flattened (k * V) candidates.
+    """
+    G, k, V = logits.shape
+    groups = max(1, _block_rows(logits) // k)
+    best = []
+    for start in range(0, G, groups):
+        log_probs = logits[start : start + groups].log_softmax(dim=-1, dtype=torch.float32)
+        candidates = log_probs.add_(scores[start : start + groups, :, None]).view(-1, k * V)
+        best.append(candidates.topk(n, dim=1))
+    return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
+
+
 @torch.no_grad()
 def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) -> list[Hypothesis]:
     """The most probable next token at each step, until EOS or the sentence's maximum length.
@@ -146,7 +183,7 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) 
     results: list[Hypothesis | None] = [None] * n
     step = 0
     while alive.numel():
-        best_lp, best = stepper.step(history).max(dim=-1)
+        best_lp, best = best_tokens(stepper.step(history))
         log_prob += best_lp
         history = torch.cat([history, best[:, None]], dim=1)
         step += 1
@@ -200,10 +237,9 @@ def beam_search(
     step = 0
     while alive.numel():
         groups = alive.numel()
-        log_probs = stepper.step(history)  # (groups * k, V)
-        vocab = log_probs.size(-1)
-        candidates = log_probs.view(groups, k, vocab).add_(scores[:, :, None]).view(groups, k * vocab)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (groups, 2k), best first
+        logits = stepper.step(history)  # (groups * k, V)
+        vocab = logits.size(-1)
+        top_scores, top_index = best_extensions(logits.view(groups, k, vocab), scores, 2 * k)  # best first
         top_beam, top_token = top_index // vocab, top_index % vocab
         step += 1
         at_limit = step >= max_lens[alive]  # (groups,)

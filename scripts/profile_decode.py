@@ -1,8 +1,9 @@
 """Decoding with the KV cache against recomputing the prefix, as `mt bench` times it, for several decoding batch
-sizes side by side; then a torch.profiler table of our (cached) beam search: where its time goes.
+sizes side by side; the ratio the two would reach if they ran their matrix products equally fast (their
+multiply-adds, counted step by step); then a torch.profiler table of our (cached) beam search.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/profile_decode.py --run runs/multi30k
-           [--test multi30k:test_2016_flickr] [--batch-tokens 8000 16000 32000] [--beam 5]
+           [--test multi30k:test_2016_flickr] [--batch-tokens 8000 16000 24000] [--beam 5]
 """
 
 from __future__ import annotations
@@ -10,12 +11,50 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from unittest import mock
 
 from torch.profiler import ProfilerActivity, profile
 
-from mt import corpora
+from mt import corpora, search
+from mt.config import DecodeConfig
 from mt.data import read_corpus
+from mt.tokenizer import PAD
 from mt.translate import Translator, translate_ids
+
+
+def multiply_adds(model, sources, decode, amp) -> dict[str, float]:
+    """Multiply-adds of one cached decoding of `sources`, step by step, and what recomputing the prefix would
+    do instead at the same steps (the two searches take the same steps: their outputs agree).
+
+    Per hypothesis and step, with t tokens so far and S source positions, each decoder layer costs with the
+    cache 6d² + 2·d·d_ff for the new position's projections and feed-forward plus 2·t·d + 2·S·d for attention;
+    recomputing costs t times the projections and feed-forward, t²·d for causal self-attention, 2·t·S·d for
+    cross-attention, and 2·S·d² to project the encoder output into keys and values again. Both pay the
+    output projection (d·V) and the encoder; only the cache projects the encoder output once per sentence.
+    """
+    c = model.config
+    d, f, layers, vocab = c.d_model, c.d_ff, c.decoder_layers, model.embed.weight.size(0)
+    count = {"cached": 0.0, "recomputed": 0.0, "shared": 0.0}
+    step, encode = search.CachedStepper.step, search.encode
+
+    def counting_step(self, history):
+        rows, t = history.shape
+        S = self.cache.memory_mask.size(-1)
+        count["cached"] += rows * layers * (6 * d * d + 2 * d * f + 2 * t * d + 2 * S * d)
+        count["recomputed"] += rows * layers * (t * (6 * d * d + 2 * d * f) + t * t * d + 2 * t * S * d + 2 * S * d * d)
+        count["shared"] += rows * d * vocab
+        return step(self, history)
+
+    def counting_encode(model, src, *args, **kwargs):
+        real = int((src != PAD).sum())
+        count["shared"] += real * c.encoder_layers * (4 * d * d + 2 * d * f)
+        count["cached"] += real * layers * 2 * d * d
+        return encode(model, src, *args, **kwargs)
+
+    with mock.patch.object(search.CachedStepper, "step", counting_step), mock.patch.object(search, "encode",
+                                                                                         counting_encode):
+        translate_ids(model, sources, decode, amp=amp)
+    return count
 
 
 def main() -> None:
@@ -42,7 +81,13 @@ def main() -> None:
                 speed[use_cache] = len(sources) / (time.perf_counter() - start)
             print(f"beam {beam}, decode.batch_tokens {batch_tokens:>6}: cache {speed[True]:5.0f} sent/s, "
                   f"recompute {speed[False]:4.0f} sent/s, cache ÷ recompute {speed[True] / speed[False]:.2f}×")
-    decode = replace(config.decode, beam_size=args.beam)
+    for beam in sorted({1, args.beam}):
+        decode = replace(config.decode, beam_size=beam, batch_tokens=DecodeConfig().batch_tokens)
+        count = multiply_adds(model, sources, decode, amp)
+        cached, recomputed = count["cached"] + count["shared"], count["recomputed"] + count["shared"]
+        print(f"beam {beam}: {cached / 1e9:.0f} G multiply-adds with the cache, {recomputed / 1e9:.0f} G recomputing "
+              f"({count['shared'] / 1e9:.0f} G of them shared): ratio at equal speed {recomputed / cached:.2f}×")
+    decode = replace(config.decode, beam_size=args.beam, batch_tokens=DecodeConfig().batch_tokens)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         translate_ids(model, sources, decode, amp=amp)
     print(f"\nprofile of beam {args.beam} with the KV cache, decode.batch_tokens {decode.batch_tokens}:")

@@ -12,11 +12,12 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 def _keep_freed_memory() -> None:
     """Let glibc's malloc reuse freed blocks of up to 64 MB instead of handing them back to the OS.
 
-    By default a block above 32 MB is mapped fresh on every allocation, and freed memory at the top of the heap
-    is returned, so a tensor of a few megabytes made at every decoding step (the (rows, vocabulary) scores)
-    page-faults its memory in again each time: beam search spent about 7% of its time there
-    (scripts/profile_decode.py, BENCHMARKS.md). Keeping up to 256 MB free costs at most that much memory.
-    Nothing is changed where the C library is not glibc, or where the user set MALLOC_* variables.
+    By default glibc maps a large block fresh at each allocation and returns freed memory at the top of the
+    heap, so tensors of a few megabytes made at every training step page-fault their memory in again each
+    time. Side by side (`mt bench --seconds 30`, BENCHMARKS.md "Memory"): 6,692 and 6,908 target tokens/s
+    with this against 6,593 and 6,250 without, at the same peak RSS. Keeping up to 256 MB free costs at
+    most that much memory. Nothing is changed where the C library is not glibc, or where any MALLOC_*
+    variable is set (MALLOC_CHECK_=0, which changes nothing by itself, gives glibc's defaults).
     """
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from mt import attention
 from mt.attention import KVCache, MultiHeadAttention
 from mt.masks import causal_mask, padding_mask
 
@@ -66,8 +67,11 @@ def test_cached_cross_attention_matches_torch_with_padding(autocast):
     assert weights[1, :, 0, 3:].abs().sum() == 0  # padding gets no attention
 
 
-def test_beams_share_their_sentence_cross_attention_cache():
+@pytest.mark.parametrize("fused", [False, True])
+def test_beams_share_their_sentence_cross_attention_cache(fused, monkeypatch):
     # 2 sentences x 3 beams: the cache holds each sentence once; each beam's row reads its own sentence's.
+    # fused: the path a GPU takes (scaled_dot_product_attention over the grouped queries), here on the CPU.
+    monkeypatch.setattr(attention, "_write_out", lambda device: not fused)
     ours, theirs = copied_pair()
     tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
     query, memory = torch.randn(6, 1, 16), torch.randn(2, 5, 16)

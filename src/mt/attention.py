@@ -134,7 +134,7 @@ def cached_attention(
     N = k.size(0)
     if N != B:  # (N * G, H, T, D) -> (N, H, G * T, D)
         q = q.view(N, B // N, H, T, D).transpose(1, 2).reshape(N, H, B // N * T, D)
-    if q.device.type == "cpu":
+    if _write_out(q.device):
         with torch.autocast("cpu", enabled=False):
             scores = (q.float() / math.sqrt(D)) @ k.float().transpose(-2, -1)  # (N, H, G * T, S)
             if mask is not None:
@@ -148,6 +148,11 @@ def cached_attention(
         if weights is not None:
             weights = weights.view(N, H, B // N, T, -1).transpose(1, 2).reshape(B, H, T, -1)
     return out, weights if need_weights else None
+
+
+def _write_out(device: torch.device) -> bool:
+    """Whether `cached_attention` writes the formula out (the CPU) or calls the fused kernel (elsewhere)."""
+    return device.type == "cpu"
 
 
 class MultiHeadAttention(nn.Module):

@@ -48,10 +48,10 @@ def encode(model: Transformer, src: torch.Tensor, chunk_tokens: int = 2048) -> t
     sentences and a few long ones no longer encodes every sentence at the longest one's length. (Decoding
     batches are sorted by length, so consecutive rows have similar lengths.)
     """
-    lengths = (src != PAD).sum(dim=1)
     rows = max(1, chunk_tokens // src.size(1))
     if rows >= src.size(0):
         return model.encode(src)
+    lengths = (src != PAD).sum(dim=1)
     chunks = [model.encode(src[start : start + rows, : int(lengths[start : start + rows].max())])[0]
               for start in range(0, src.size(0), rows)]
     memory = chunks[0].new_zeros((*src.shape, chunks[0].size(-1)))

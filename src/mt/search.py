@@ -1,6 +1,6 @@
 """Greedy and beam search, batched over sentences, as plain functions over a `Stepper`.
 
-A Stepper turns the tokens produced so far into next-token log-probabilities and follows the search when it
+A Stepper turns the tokens produced so far into next-token logits and follows the search when it
 reorders, repeats or drops rows. `CachedStepper` feeds one token per step through the KV cache;
 `RecomputeStepper` re-runs the decoder over the whole prefix each step (the baseline the cache is measured
 and tested against). Finished sentences leave the batch, so late steps only pay for sentences still going.

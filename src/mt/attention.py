@@ -58,7 +58,7 @@ class KVCache:
 
         Only the rows that change are copied, and only their filled steps: the search keeps a beam in its
         parent's row where it can and fills the rows of finished sentences with the last ones, so most rows
-        stay where they are (`mt.search`). That moves about a third of what copying every row would.
+        stay where they are (`mt.search`).
         """
         rows, filled = index.numel(), slice(0, self.length)
         if rows > self.k.size(0):  # more rows than before (beams branching out): copy into a new buffer
@@ -112,7 +112,7 @@ def scaled_dot_product_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout) @ v, weights
+    return (F.dropout(weights, dropout) if dropout else weights) @ v, weights
 
 
 def cached_attention(
@@ -136,11 +136,8 @@ def cached_attention(
         q = q.view(N, B // N, H, T, D).transpose(1, 2).reshape(N, H, B // N * T, D)
     if _write_out(q.device):
         with torch.autocast("cpu", enabled=False):
-            scores = (q.float() / math.sqrt(D)) @ k.float().transpose(-2, -1)  # (N, H, G * T, S)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            out = (weights @ v.float()).to(q.dtype)
+            out, weights = scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, need_weights=True)
+        out = out.to(q.dtype)
     else:
         out, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=need_weights)
     if N != B:  # back to one row per beam

@@ -116,3 +116,17 @@ def test_heads_split_the_width(heads):
     ours, theirs = copied_pair(16, heads)
     x = torch.randn(1, 3, 16)
     torch.testing.assert_close(ours(x)[0], theirs(x, x, x)[0])
+
+
+@pytest.mark.parametrize("length", [1, 7, 15, 16, 40])  # written out below 16 entries a row, torch's from 16
+def test_softmax_equals_torch_and_passes_gradients(length):
+    scores = torch.randn(6, 4, 3, length)
+    masked = torch.arange(length) >= max(1, length - 3)  # the last 3 entries of a row, as padding would be
+    grads, grad = [], torch.randn_like(scores)
+    for softmax in (attention.softmax, lambda x: x.softmax(dim=-1)):
+        x = scores.clone().requires_grad_()
+        out = softmax(x.masked_fill(masked, float("-inf")))
+        (out * grad).sum().backward()
+        grads.append((out.detach(), x.grad))
+    torch.testing.assert_close(*(g[0] for g in grads))
+    torch.testing.assert_close(*(g[1] for g in grads))

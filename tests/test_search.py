@@ -17,6 +17,7 @@ from mt.search import (
     encode,
     greedy_search,
     stable_slots,
+    top_n,
 )
 from mt.tokenizer import BOS, EOS, PAD
 
@@ -163,3 +164,18 @@ def test_stable_slots_keep_one_extension_in_each_parents_slot():
     for row, slots in zip(parents.tolist(), placed.tolist(), strict=True):
         stay = sum(p == s for s, p in enumerate(slots))
         assert stay == len(set(row))  # as many stay as there are distinct parents: the most possible
+
+
+@pytest.mark.parametrize("width", [8000 * 5, 8000 * 5 + 37, 2000])  # chunks fill the row or not; too narrow
+def test_top_n_from_chunk_maxima_equals_topk(width):
+    torch.manual_seed(0)
+    x = torch.randn(16, width)  # distinct values: no ties to break
+    x[3] = float("-inf")  # a row of beams that have not started but one entry
+    x[3, width - 1] = 0.0
+    x[5, : width // 2] = float("-inf")
+    values, index = top_n(x, 10)
+    expected = x.topk(10, dim=1)
+    assert torch.equal(values, expected.values)
+    finite = values.isfinite()
+    assert torch.equal(index[finite], expected.indices[finite])  # -inf entries tie: any index of one will do
+    assert index.max() < width

@@ -163,8 +163,32 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
     for start in range(0, G, groups):
         log_probs = logits[start : start + groups].log_softmax(dim=-1, dtype=torch.float32)
         candidates = log_probs.add_(scores[start : start + groups, :, None]).view(-1, k * V)
-        best.append(candidates.topk(n, dim=1))
+        best.append(top_n(candidates, n))
     return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
+
+
+def top_n(x: torch.Tensor, n: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(n, dim=1)` of a wide (R, W) tensor on the CPU, from the maxima of chunks of its rows.
+
+    The n largest entries of a row lie in the n chunks with the largest maxima, so top-k runs over the chunk
+    maxima and then over those n chunks. torch's CPU top-k pairs every entry with its index before it
+    selects; a chunk maximum is a vectorised pass, and the two top-k passes see W / chunk and n * chunk
+    entries: on 16 sentences' 5 x 8,000 candidates, 2.35x faster than `topk` (scripts/bench_kernels.py).
+    Ties may be broken differently from `topk`. Elsewhere (or on narrow rows) `topk` is used.
+    """
+    rows, width = x.shape
+    if x.device.type != "cpu" or width < 4 * n * chunk:
+        return x.topk(n, dim=1)
+    maxima = x.unfold(1, chunk, chunk).amax(dim=2)  # (R, W // chunk): full chunks
+    if width % chunk:  # the last, shorter chunk
+        maxima = torch.cat([maxima, x[:, width - width % chunk :].amax(dim=1, keepdim=True)], dim=1)
+    chunks = maxima.topk(n, dim=1).indices  # (R, n)
+    columns = (chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(rows, -1)
+    values = x.gather(1, columns.clamp(max=width - 1))
+    if width % chunk:
+        values.masked_fill_(columns >= width, float("-inf"))  # past the row's end
+    values, picked = values.topk(n, dim=1)
+    return values, columns.gather(1, picked).clamp_(max=width - 1)
 
 
 @torch.no_grad()

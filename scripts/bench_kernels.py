@@ -1,0 +1,62 @@
+"""Times the torch CPU kernels that decoding works around, beside the work-around, at decoding's shapes.
+
+1. softmax over rows of fewer than 16 entries (attention to a short prefix or source) against rows of 16,
+   and against `mt.attention.softmax`, which writes those rows out;
+2. top-k of a sentence's beams x vocabulary candidates: `Tensor.topk` against `mt.search.top_n`;
+3. batched one-query products (attention to the cache of each row) with few keys, where torch takes a plain
+   loop instead of BLAS (key length x head dim < 400 multiply-adds), against 7 or more keys.
+
+Each figure is the fastest of 5 rounds. Usage: python scripts/bench_kernels.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mt import attention, search
+
+
+def best_time(fn, calls: int = 50) -> float:
+    """Seconds per call: the fastest of 5 rounds of `calls` calls, after a warm-up."""
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("\n1. softmax of 1,000 rows x 4 heads, by row length (us)")
+    print(f"{'length':>6}  {'Tensor.softmax':>14}  {'mt softmax':>10}")
+    for length in (5, 8, 12, 15, 16, 24):
+        scores = torch.randn(1000, 4, 1, length)
+        torch_us = best_time(lambda s=scores: s.softmax(dim=-1)) * 1e6
+        ours_us = best_time(lambda s=scores: attention.softmax(s)) * 1e6
+        print(f"{length:>6}  {torch_us:>14.0f}  {ours_us:>10.0f}")
+
+    print("\n2. best 10 of each sentence's 5 x 8,000 candidates, 16 sentences (us)")
+    candidates = torch.randn(16, 5 * 8000)
+    topk_us = best_time(lambda: candidates.topk(10, dim=1)) * 1e6
+    top_n_us = best_time(lambda: search.top_n(candidates, 10)) * 1e6
+    print(f"Tensor.topk {topk_us:.0f}, mt top_n {top_n_us:.0f}: {topk_us / top_n_us:.2f}x")
+
+    print("\n3. one query per row against its cache: 4,000 rows x head dim 64, by key length (us)")
+    print(f"{'keys':>4}  {'q @ k^T':>8}  {'w @ v':>8}")
+    q = torch.randn(4000, 1, 64)
+    for keys in (2, 4, 6, 7, 8, 12):
+        k, w = torch.randn(4000, keys, 64), torch.randn(4000, 1, keys)
+        qk_us = best_time(lambda k=k: q @ k.transpose(1, 2)) * 1e6
+        wv_us = best_time(lambda w=w, k=k: w @ k) * 1e6
+        print(f"{keys:>4}  {qk_us:>8.0f}  {wv_us:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()

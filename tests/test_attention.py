@@ -86,12 +86,14 @@ def test_beams_share_their_sentence_cross_attention_cache(fused, monkeypatch):
 
 def test_growing_cache_matches_full_causal_attention():
     ours, _ = copied_pair()
-    x = torch.randn(2, 6, 16)
+    x = torch.randn(2, 10, 16)
     full, _ = ours(x, is_causal=True)
     cache = KVCache.empty(2, 4, 3, 4, x.dtype, x.device)  # shorter than needed: it must grow
-    steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(6)]
+    cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))  # what torch.empty may hold, past the padding
+    cache._zero_unfilled()
+    steps = [ours(x[:, t : t + 1], cache=cache)[0] for t in range(10)]  # padded to MIN_KEYS (7) at first
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
-    assert cache.length == 6
+    assert cache.length == 10
 
 
 def test_fixed_cache_matches_cross_attention():

@@ -16,6 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.masks import causal_mask
 
+MIN_KEYS = 7
+"""On the CPU a growing cache hands out at least this many keys (see `KVCache.append`)."""
+
 
 class KVCache:
     """Keys and values of one attention layer, each (B, H, L, D).
@@ -32,17 +35,25 @@ class KVCache:
     @classmethod
     def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> KVCache:
-        shape = (batch, heads, max_len, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
-                   0, growing=True)
+        shape = (batch, heads, max(max_len, MIN_KEYS), head_dim)
+        cache = cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+                    0, growing=True)
+        cache._zero_unfilled()
+        return cache
 
     @classmethod
     def fixed(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """A cache of the given keys and values; it owns them (`reorder` changes them in place)."""
         return cls(k, v, k.size(2), growing=False)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores (B, H, t, D) new keys/values; returns all keys/values so far, (B, H, L, D)."""
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stores (B, H, t, D) new keys/values; returns all keys/values so far, (B, H, L, D), and None, or
+        a mask (1, 1, 1, L) that is False at padding.
+
+        On the CPU, fewer than `MIN_KEYS` keys come padded to `MIN_KEYS` with zeros, with the mask: torch's
+        CPU batched product runs a plain loop when keys x head dim < 400 multiply-adds a query, which with
+        6 keys took 1.8x (q k^T) and 3.8x (weights x values) as long as with 7 (scripts/bench_kernels.py).
+        """
         assert self.growing, "a cross-attention cache does not grow"
         end = self.length + k.size(2)
         if end > self.k.size(2):  # past the preallocated length: double it
@@ -51,7 +62,10 @@ class KVCache:
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if end >= MIN_KEYS or self.k.device.type != "cpu":
+            return self.k[:, :, :end], self.v[:, :, :end], None
+        mask = torch.arange(MIN_KEYS, device=self.k.device) < end
+        return self.k[:, :, :MIN_KEYS], self.v[:, :, :MIN_KEYS], mask.view(1, 1, 1, MIN_KEYS)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i of the cache becomes old row index[i] (rows may be repeated or dropped).
@@ -66,6 +80,7 @@ class KVCache:
             torch.index_select(self.k[:, :, filled], 0, index, out=k[:, :, filled])
             torch.index_select(self.v[:, :, filled], 0, index, out=v[:, :, filled])
             self.k, self.v = k, v
+            self._zero_unfilled()
             return
         moved = (index != torch.arange(rows, device=index.device)).nonzero()[:, 0]
         if moved.numel():
@@ -73,6 +88,13 @@ class KVCache:
             for x in (self.k[:, :, filled], self.v[:, :, filled]):
                 x.index_copy_(0, moved, x.index_select(0, source))
         self.k, self.v = self.k[:rows], self.v[:rows]
+
+    def _zero_unfilled(self) -> None:
+        """Zeroes the unfilled steps below `MIN_KEYS`, which `append` may hand out as padding. (Only zeros
+        are ever there: `append` writes filled steps, and `reorder` copies only those.)"""
+        if self.growing and self.length < MIN_KEYS and self.k.device.type == "cpu":
+            self.k[:, :, self.length : MIN_KEYS] = 0
+            self.v[:, :, self.length : MIN_KEYS] = 0
 
 
 def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:
@@ -208,8 +230,9 @@ class MultiHeadAttention(nn.Module):
         if memory is None and (cache is None or cache.growing):
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
             k, v = self._split_heads(k), self._split_heads(v)
-            if cache is not None:
-                k, v = cache.append(k, v)
+            if cache is not None:  # the newest positions see every cached key: a mask only hides padding
+                assert mask is None, "attention to a growing cache takes no mask"
+                k, v, mask = cache.append(k, v)
         else:
             q = F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
             k, v = (cache.k, cache.v) if cache is not None else self.project_memory(memory)

@@ -1,9 +1,10 @@
 """Decoding with the KV cache against recomputing the prefix, as `mt bench` times it, for several decoding batch
-sizes side by side; the ratio the two would reach if they ran their matrix products equally fast (their
-multiply-adds, counted step by step); then a torch.profiler table of our (cached) beam search.
+sizes and numbers of batches decoded at once (decode.inter_threads) side by side; the ratio the two would reach
+if they ran their matrix products equally fast (their multiply-adds, counted step by step); then a
+torch.profiler table of our (cached) beam search.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/profile_decode.py --run runs/multi30k
-           [--test multi30k:test_2016_flickr] [--batch-tokens 8000 16000 24000] [--beam 5]
+           [--test multi30k:test_2016_flickr] [--batch-tokens 8000 16000 24000] [--inter-threads 1 2] [--beam 5]
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--run", default="runs/multi30k")
     parser.add_argument("--test", default="multi30k:test_2016_flickr")
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[8000, 16000, 24000])
+    parser.add_argument("--inter-threads", type=int, nargs="+", default=[1, 2],
+                        help="decode.inter_threads: batches decoded at once")
     parser.add_argument("--beam", type=int, default=5)
     args = parser.parse_args()
     translator = Translator.load(args.run, device="cpu")
@@ -72,15 +75,17 @@ def main() -> None:
     print(f"{len(sources)} sentences of {args.test}, {'bf16 autocast' if amp else 'fp32'}")
     for beam in sorted({1, args.beam}):
         for batch_tokens in args.batch_tokens:
-            decode = replace(config.decode, beam_size=beam, batch_tokens=batch_tokens)
-            speed = {}
-            for use_cache in (True, False):
-                translate_ids(model, sources[:8], decode, use_cache=use_cache, amp=amp)  # warm-up
-                start = time.perf_counter()
-                translate_ids(model, sources, decode, use_cache=use_cache, amp=amp)
-                speed[use_cache] = len(sources) / (time.perf_counter() - start)
-            print(f"beam {beam}, decode.batch_tokens {batch_tokens:>6}: cache {speed[True]:5.0f} sent/s, "
-                  f"recompute {speed[False]:4.0f} sent/s, cache ÷ recompute {speed[True] / speed[False]:.2f}×")
+            for inter_threads in args.inter_threads:
+                decode = replace(config.decode, beam_size=beam, batch_tokens=batch_tokens, inter_threads=inter_threads)
+                speed = {}
+                for use_cache in (True, False):
+                    translate_ids(model, sources[:8], decode, use_cache=use_cache, amp=amp)  # warm-up
+                    start = time.perf_counter()
+                    translate_ids(model, sources, decode, use_cache=use_cache, amp=amp)
+                    speed[use_cache] = len(sources) / (time.perf_counter() - start)
+                print(f"beam {beam}, decode.batch_tokens {batch_tokens:>6}, inter_threads {inter_threads}: "
+                      f"cache {speed[True]:5.0f} sent/s, recompute {speed[False]:4.0f} sent/s, "
+                      f"cache ÷ recompute {speed[True] / speed[False]:.2f}×")
     for beam in sorted({1, args.beam}):
         decode = replace(config.decode, beam_size=beam, batch_tokens=DecodeConfig().batch_tokens)
         count = multiply_adds(model, sources, decode, amp)

@@ -1,11 +1,14 @@
 """Greedy and beam search: against recomputation, against each other, and on a model worked out by hand."""
 
 import math
+import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
-from mt.config import ModelConfig
+from mt import translate
+from mt.config import DecodeConfig, ModelConfig
 from mt.model import Transformer
 from mt.search import (
     CachedStepper,
@@ -20,6 +23,7 @@ from mt.search import (
     top_n,
 )
 from mt.tokenizer import BOS, EOS, PAD
+from mt.translate import length_sorted_batches, translate_ids
 
 V = 50
 
@@ -179,3 +183,44 @@ def test_top_n_from_chunk_maxima_equals_topk(width):
     finite = values.isfinite()
     assert torch.equal(index[finite], expected.indices[finite])  # -inf entries tie: any index of one will do
     assert index.max() < width
+
+
+def test_batches_decoded_in_parallel_streams_equal_one_at_a_time(model_and_src, monkeypatch):
+    model, _ = model_and_src
+    torch.manual_seed(4)
+    sources = [torch.randint(4, V, (int(n),)).tolist() for n in torch.randint(1, 12, (40,))]
+    decode = DecodeConfig(beam_size=3, batch_tokens=60)  # batches of at most 20 source tokens
+    assert len(length_sorted_batches(sources, 60 // 3)) > 4
+    ran_in = []
+    monkeypatch.setattr(translate, "beam_search", lambda *args, **kwargs: ran_in.append(
+        threading.current_thread().name) or beam_search(*args, **kwargs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # streams share the threads: 2 are needed, even on 1 core
+    try:
+        one = translate_ids(model, sources, replace(decode, inter_threads=1))
+        assert set(ran_in) == {threading.main_thread().name}
+        ran_in.clear()
+        two = translate_ids(model, sources, decode)
+        assert all(name.startswith("mt-decode") for name in ran_in)
+        assert torch.get_num_threads() == 2  # given back to the caller
+    finally:
+        torch.set_num_threads(threads)
+    assert [[h.tokens for h in hyps] for hyps in two] == [[h.tokens for h in hyps] for hyps in one]
+
+
+def test_an_error_in_a_decoding_stream_reaches_the_caller(model_and_src, monkeypatch):
+    model, _ = model_and_src
+    sources = [[5, 6, 7]] * 12
+
+    def fail(*args, **kwargs):
+        raise ValueError("out of memory, say")
+
+    monkeypatch.setattr(translate, "beam_search", fail)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="out of memory"):
+            translate_ids(model, sources, DecodeConfig(beam_size=2, batch_tokens=16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -244,8 +244,10 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
     sources = translator.tokenizer.encode(read_corpus(files)[0][:sentences])
     rows = []
     for beam in (1, 5):
-        # The run's tuned decoding settings, with the batch size of the benchmark's config: a machine setting.
-        decode = replace(translator.config.decode, beam_size=beam, batch_tokens=config.decode.batch_tokens)
+        # The run's tuned decoding settings, with the batch size and streams of the benchmark's config: machine
+        # settings.
+        decode = replace(translator.config.decode, beam_size=beam, batch_tokens=config.decode.batch_tokens,
+                         inter_threads=config.decode.inter_threads)
         speeds = {}
         outputs = {}
         for use_cache in (True, False):
@@ -262,7 +264,8 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
             precision = "bf16 autocast" if translator.amp else "fp32"
             rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} {name}: sentences/s", speeds[use_cache],
                             "sent/s", f"{len(sources)} sentences of {files.name}, {tokens / elapsed:.0f} tokens/s, "
-                            f"{precision}, decode.batch_tokens {decode.batch_tokens}"))
+                            f"{precision}, decode.batch_tokens {decode.batch_tokens}, "
+                            f"inter_threads {decode.inter_threads}"))
         same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
         rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} speed-up, cache ÷ recompute",
                         speeds[True] / speeds[False], "×", f"identical outputs: {same}/{len(sources)}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,33 +48,74 @@ def translate_ids(
     device = next(model.parameters()).device
     with fast_kernels(device), autocast(device, amp), tqdm(total=len(sources), unit="sent", desc=progress,
                                                            disable=None if progress else True, leave=False) as bar:
-        return _translate_ids(model, sources, decode, nbest, use_cache, device, bar)
+        return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar)
 
 
-def _translate_ids(model, sources, decode, nbest, use_cache, device, bar) -> list[list[Hypothesis]]:
+def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar) -> list[list[Hypothesis]]:
     limit = model.config.max_positions - 1
     sources = [list(s[:limit]) for s in sources]
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    budget = max(1, decode.batch_tokens // decode.beam_size)
     results: list[list[Hypothesis]] = [[] for _ in sources]
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * (len(sources[order[end]]) + 1) <= budget:
-            end += 1
-        chunk = order[start:end]
-        src = collate([sources[i] for i in chunk]).src.to(device)
+
+    def translate_batch(batch: list[int]) -> None:
+        src = collate([sources[i] for i in batch]).src.to(device)
         max_lens = max_lengths((src != PAD).sum(1), decode.max_len_a, decode.max_len_b, limit)
         stepper = CachedStepper(model, src, int(max_lens.max())) if use_cache else RecomputeStepper(model, src)
         if decode.beam_size == 1:
             hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS)]
         else:
             hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest)
-        for i, h in zip(chunk, hyps, strict=True):
+        for i, h in zip(batch, hyps, strict=True):
             results[i] = h
-        bar.update(len(chunk))
-        start = end
+        bar.update(len(batch))
+
+    batches = length_sorted_batches(sources, max(1, decode.batch_tokens // decode.beam_size))
+    streams = min(decode.inter_threads, torch.get_num_threads(), len(batches)) if device.type == "cpu" else 1
+    if streams == 1:
+        for batch in batches:
+            translate_batch(batch)
+    else:
+        _in_streams(translate_batch, batches, streams, device, amp)
     return results
+
+
+def length_sorted_batches(sources: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    """Indices of `sources`, sorted by length and cut into batches of at most `budget` tokens (EOS
+    included, padding counted); a sentence longer than the budget makes a batch of its own."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * (len(sources[order[end]]) + 1) <= budget:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def _in_streams(work, batches: list[list[int]], streams: int, device: torch.device, amp) -> None:
+    """Runs `work(batch)` for every batch, `streams` batches at a time, each in a thread of its own with an
+    equal share of torch's CPU threads (CTranslate2's inter_threads and intra_threads).
+
+    A decoding step is many small operations: one batch on 2 threads leaves a core idle through the ones
+    torch runs on one thread. Two batches on one thread each keep both busy (BENCHMARKS.md, "Decoding").
+    Results do not depend on the number of streams, since each batch runs whole in one thread.
+    """
+    threads = torch.get_num_threads()
+
+    def start() -> None:  # in each worker thread
+        torch.set_num_threads(max(1, threads // streams))
+
+    def run(batch: list[int]) -> None:
+        with torch.no_grad(), autocast(device, amp):  # thread-local settings: set them in the worker
+            work(batch)
+
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="mt-decode", initializer=start)
+    try:
+        for future in [pool.submit(run, batch) for batch in batches]:
+            future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 class Translator:

@@ -278,3 +278,18 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     one_line_error(run("translate", "--run", "empty", "Un chat."), r"checkpoint not found: empty/last\.pt")
     Path("empty/last.pt").write_bytes(b"not a checkpoint")
     one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")
+
+
+def test_bench_prints_every_row_of_the_table(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--sentences", 20, "--rounds", 2)
+    assert result.exit_code == 0, result.output
+    values = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[1].replace(",", "").replace(".", "").isdigit():
+            values[cells[0]] = float(cells[1].replace(",", ""))
+    for row in ("train ours: MFU", "train speed-up, ours ÷ nn.Transformer", "train ours: peak memory",
+                "greedy speed-up, cache ÷ recompute", "beam 5 speed-up, cache ÷ recompute"):
+        assert values[row] > 0, row
+    assert "fastest of 2 alternating rounds" in result.stdout

@@ -389,6 +389,7 @@ def bench(
     seconds: Annotated[float, typer.Option(min=1, help="Seconds of timed training for each model.")] = 60,
     sentences: Annotated[int, typer.Option(min=1, help="Test sentences to decode.")] = 1000,
     test: Annotated[str | None, typer.Option(help="Test set for decoding (default: the config's data.test).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Decoding rounds; each decoder's fastest counts.")] = 3,
     runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Measure speed side by side: matmul roof, training (ours vs nn.Transformer), decoding (cache vs
@@ -408,7 +409,8 @@ def bench(
             run = latest_run(runs_dir)
         except CheckpointError:
             run = None
-    typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test)))
+    typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test,
+                                           rounds=rounds)))
 
 
 def _corpus_arg(text: str) -> str | dict[str, str]:

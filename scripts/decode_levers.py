@@ -8,7 +8,7 @@ Levers: two batches decoded at once (`decode.inter_threads` 2 against 1); top-k 
 alternate round by round, and each one's fastest round counts.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/decode_levers.py --run runs/multi30k
-           [--test multi30k:test_2016_flickr] [--rounds 3]
+           [--test multi30k:test_2016_flickr] [--rounds 3] [--inter-threads 2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from mt import attention, corpora, search
 from mt.data import read_corpus
-from mt.translate import Translator, translate_ids
+from mt.translate import Translator, length_sorted_batches, translate_ids
 
 LEVERS = {
     "streams": lambda: contextlib.nullcontext(),  # applied through decode.inter_threads below
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--run", default="runs/multi30k")
     parser.add_argument("--test", default="multi30k:test_2016_flickr")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--inter-threads", type=int, default=2, help="streams when the streams lever is on")
     args = parser.parse_args()
     translator = Translator.load(args.run, device="cpu")
     config = translator.config
@@ -53,7 +54,8 @@ def main() -> None:
             for setting, use_cache in runs:
                 off = (list(LEVERS) if setting == "without any"
                        else [setting.removeprefix("without ")] if setting.startswith("without") else [])
-                decode = replace(config.decode, beam_size=beam, inter_threads=1 if "streams" in off else 2)
+                decode = replace(config.decode, beam_size=beam,
+                                 inter_threads=1 if "streams" in off else args.inter_threads)
                 with contextlib.ExitStack() as stack:
                     for lever in off:
                         stack.enter_context(LEVERS[lever]())
@@ -63,7 +65,9 @@ def main() -> None:
                     translate_ids(translator.model, sources, decode, use_cache=use_cache, amp=translator.amp)
                     key = (setting, use_cache)
                     best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
-        print(f"\n{'greedy' if beam == 1 else f'beam {beam}'}, fastest of {args.rounds} rounds:")
+        batches = length_sorted_batches(sources, config.decode.batch_tokens // beam)
+        print(f"\n{'greedy' if beam == 1 else f'beam {beam}'}, fastest of {args.rounds} rounds "
+              f"(batches of {', '.join(str(len(b)) for b in batches)} sentences):")
         for setting in settings:
             line = f"  {setting:<27} cache {len(sources) / best[setting, True]:5.0f} sent/s"
             if (setting, False) in best:

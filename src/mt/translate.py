@@ -97,8 +97,9 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
     equal share of torch's CPU threads (CTranslate2's inter_threads and intra_threads).
 
     A decoding step is many small operations: one batch on 2 threads leaves a core idle through the ones
-    torch runs on one thread. Two batches on one thread each keep both busy (BENCHMARKS.md, "Decoding").
-    Results do not depend on the number of streams, since each batch runs whole in one thread.
+    torch runs on one thread. Two batches on one thread each keep both busy: beam search 1.19x faster on 2
+    cores (scripts/decode_levers.py, BENCHMARKS.md). Each batch runs whole in one thread, so its translations
+    do not depend on which stream takes it, or when.
     """
     threads = torch.get_num_threads()
 

@@ -280,8 +280,9 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")
 
 
-def test_bench_prints_every_row_of_the_table(trained, monkeypatch):
+def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):
     monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
     result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--sentences", 20, "--rounds", 2)
     assert result.exit_code == 0, result.output
     values = {}

@@ -87,15 +87,19 @@ def main() -> None:
                       f"cache {speed[True]:5.0f} sent/s, recompute {speed[False]:4.0f} sent/s, "
                       f"cache ÷ recompute {speed[True] / speed[False]:.2f}×")
     for beam in sorted({1, args.beam}):
-        decode = replace(config.decode, beam_size=beam, batch_tokens=DecodeConfig().batch_tokens)
+        # One batch at a time: the counters below are plain Python sums, not shared safely between threads.
+        decode = replace(config.decode, beam_size=beam, batch_tokens=DecodeConfig().batch_tokens, inter_threads=1)
         count = multiply_adds(model, sources, decode, amp)
         cached, recomputed = count["cached"] + count["shared"], count["recomputed"] + count["shared"]
         print(f"beam {beam}: {cached / 1e9:.0f} G multiply-adds with the cache, {recomputed / 1e9:.0f} G recomputing "
               f"({count['shared'] / 1e9:.0f} G of them shared): ratio at equal speed {recomputed / cached:.2f}×")
-    decode = replace(config.decode, beam_size=args.beam, batch_tokens=DecodeConfig().batch_tokens)
+    # One batch at a time, in this thread: torch.profiler records the operators of the thread that started it.
+    decode = replace(config.decode, beam_size=args.beam, batch_tokens=DecodeConfig().batch_tokens,
+                     inter_threads=1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         translate_ids(model, sources, decode, amp=amp)
-    print(f"\nprofile of beam {args.beam} with the KV cache, decode.batch_tokens {decode.batch_tokens}:")
+    print(f"\nprofile of beam {args.beam} with the KV cache, decode.batch_tokens {decode.batch_tokens}, "
+          "one batch at a time:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

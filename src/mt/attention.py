@@ -146,8 +146,9 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
     """
     if scores.device.type != "cpu" or scores.size(-1) >= 16:
         return scores.softmax(dim=-1)
-    exp = (scores - scores.amax(dim=-1, keepdim=True)).exp()
-    return exp / exp.sum(dim=-1, keepdim=True)
+    x = scores.float()  # as torch's kernel, which computes bf16 rows in fp32
+    exp = (x - x.amax(dim=-1, keepdim=True)).exp()
+    return (exp / exp.sum(dim=-1, keepdim=True)).to(scores.dtype)
 
 
 def cached_attention(

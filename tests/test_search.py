@@ -114,6 +114,19 @@ def test_beam_search_on_a_model_worked_out_by_hand():
     assert hyps[1].log_prob == pytest.approx(math.log(0.09))
 
 
+def test_beam_search_runs_its_first_step_on_one_row_per_sentence():
+    class Counting(FixedStepper):
+        rows: list[int] = []
+
+        def step(self, history):
+            self.rows.append(history.size(0))
+            return super().step(history)
+
+    stepper = Counting()
+    beam_search(stepper, torch.tensor([10, 10, 10]), BOS, EOS, beam_size=2)
+    assert stepper.rows[:2] == [3, 6]  # all beams start at BOS: one row each, then 2 per sentence
+
+
 def test_length_penalty_zero_ranks_by_total_probability():
     [hyps] = beam_search(FixedStepper(), torch.tensor([10]), BOS, EOS, beam_size=2, length_penalty=0.0, nbest=2)
     assert hyps[0].score == pytest.approx(math.log(0.30))

@@ -243,7 +243,8 @@ def beam_search(
     hypotheses, or at its maximum length, where its open beams are finished as they are.
 
     Args:
-        stepper: prepared for len(max_lens) sentences; it is expanded here to beam_size rows per sentence.
+        stepper: prepared for len(max_lens) sentences. All beams start from BOS, so the first step runs one
+            row per sentence; its best extensions then fill beam_size rows per sentence.
         max_lens: (N,) most tokens to produce per sentence, EOS included.
 
     Returns:
@@ -251,19 +252,18 @@ def beam_search(
     """
     n, k = len(max_lens), beam_size
     device = max_lens.device
-    stepper.reorder(torch.arange(n, device=device).repeat_interleave(k))
-    history = torch.full((n * k, 1), bos, dtype=torch.long, device=device)
-    scores = torch.zeros(n, k, device=device)
-    scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
+    beams = 1  # rows per sentence: 1 at the first step, k after it
+    history = torch.full((n, 1), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(n, beams, device=device)
     alive = torch.arange(n, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(n)]
     n_finished = torch.zeros(n, dtype=torch.long, device=device)
     step = 0
     while alive.numel():
         groups = alive.numel()
-        logits = stepper.step(history)  # (groups * k, V)
+        logits = stepper.step(history)  # (groups * beams, V)
         vocab = logits.size(-1)
-        top_scores, top_index = best_extensions(logits.view(groups, k, vocab), scores, 2 * k)  # best first
+        top_scores, top_index = best_extensions(logits.view(groups, beams, vocab), scores, 2 * k)  # best first
         top_beam, top_token = top_index // vocab, top_index % vocab
         step += 1
         at_limit = step >= max_lens[alive]  # (groups,)
@@ -274,7 +274,7 @@ def beam_search(
         if ends.any():
             g, j = ends.nonzero().unbind(1)
             normaliser = float(step) ** length_penalty
-            for sentence, tokens, token, lp in zip(alive[g].tolist(), history[g * k + top_beam[g, j], 1:].tolist(),
+            for sentence, tokens, token, lp in zip(alive[g].tolist(), history[g * beams + top_beam[g, j], 1:].tolist(),
                                                    top_token[g, j].tolist(), top_scores[g, j].tolist(), strict=True):
                 if len(finished[sentence]) >= k:
                     continue
@@ -287,9 +287,9 @@ def beam_search(
         next_scores, pick = top_scores.masked_fill(top_token == eos, float("-inf")).topk(k, dim=1)
         order = stable_slots(top_beam.gather(1, pick))
         next_scores, pick = next_scores.gather(1, order), pick.gather(1, order)
-        parent = (torch.arange(groups, device=device)[:, None] * k + top_beam.gather(1, pick)).view(-1)
+        parent = (torch.arange(groups, device=device)[:, None] * beams + top_beam.gather(1, pick)).view(-1)
         history = torch.cat([history[parent], top_token.gather(1, pick).view(-1, 1)], dim=1)
-        scores = next_scores
+        scores, beams = next_scores, k
         done = at_limit | (n_finished[alive] >= k)
         sentences = None
         if done.any():

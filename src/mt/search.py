@@ -173,8 +173,8 @@ def top_n(x: torch.Tensor, n: int, chunk: int = 64) -> tuple[torch.Tensor, torch
     The n largest entries of a row lie in the n chunks with the largest maxima, so top-k runs over the chunk
     maxima and then over those n chunks. torch's CPU top-k pairs every entry with its index before it
     selects; a chunk maximum is a vectorised pass, and the two top-k passes see W / chunk and n * chunk
-    entries: on 16 sentences' 5 x 8,000 candidates, 2.35x faster than `topk` (scripts/bench_kernels.py).
-    Ties may be broken differently from `topk`. Elsewhere (or on narrow rows) `topk` is used.
+    entries: on 16 sentences' 5 x 8,000 candidates, 2.7x faster than `topk` (scripts/bench_kernels.py,
+    BENCHMARKS.md). Ties may be broken differently from `topk`. Elsewhere (or on narrow rows) `topk` is used.
     """
     rows, width = x.shape
     if x.device.type != "cpu" or width < 4 * n * chunk:

@@ -52,7 +52,7 @@ class KVCache:
 
         On the CPU, fewer than `MIN_KEYS` keys come padded to `MIN_KEYS` with zeros, with the mask: torch's
         CPU batched product runs a plain loop when keys x head dim < 400 multiply-adds a query, which with
-        6 keys took 1.8x (q k^T) and 3.8x (weights x values) as long as with 7 (scripts/bench_kernels.py).
+        6 keys took about 2x (q k^T) and 4x (weights x values) as long as with 7 (scripts/bench_kernels.py).
         """
         assert self.growing, "a cross-attention cache does not grow"
         end = self.length + k.size(2)

@@ -67,12 +67,13 @@ class KVCache:
         mask = torch.arange(MIN_KEYS, device=self.k.device) < end
         return self.k[:, :, :MIN_KEYS], self.v[:, :, :MIN_KEYS], mask.view(1, 1, 1, MIN_KEYS)
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
         """Row i of the cache becomes old row index[i] (rows may be repeated or dropped).
 
         Only the rows that change are copied, and only their filled steps: the search keeps a beam in its
         parent's row where it can and fills the rows of finished sentences with the last ones, so most rows
-        stay where they are (`mt.search`).
+        stay where they are (`mt.search`). `moved` is `moved_rows(index)`, when the caller has it already
+        (one reorder of every layer's cache).
         """
         rows, filled = index.numel(), slice(0, self.length)
         if rows > self.k.size(0):  # more rows than before (beams branching out): copy into a new buffer
@@ -82,7 +83,8 @@ class KVCache:
             self.k, self.v = k, v
             self._zero_unfilled()
             return
-        moved = (index != torch.arange(rows, device=index.device)).nonzero()[:, 0]
+        if moved is None:
+            moved = moved_rows(index)
         if moved.numel():
             source = index[moved]
             for x in (self.k[:, :, filled], self.v[:, :, filled]):
@@ -95,6 +97,11 @@ class KVCache:
         if self.growing and self.length < MIN_KEYS and self.k.device.type == "cpu":
             self.k[:, :, self.length : MIN_KEYS] = 0
             self.v[:, :, self.length : MIN_KEYS] = 0
+
+
+def moved_rows(index: torch.Tensor) -> torch.Tensor:
+    """The rows i that a reorder by `index` changes: those with index[i] != i."""
+    return (index != torch.arange(index.numel(), device=index.device)).nonzero()[:, 0]
 
 
 def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:

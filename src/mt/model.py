@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mt.attention import KVCache
+from mt.attention import KVCache, moved_rows
 from mt.config import ModelConfig
 from mt.layers import DecoderLayer, Dropout, EncoderLayer, SinusoidalPositions
 from mt.masks import padding_mask
@@ -37,11 +37,13 @@ class DecoderCache:
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """Row i continues old row index[i]. When sentences are dropped or moved, `sentences` gives the old
         position of each sentence kept, in the new order; the rows of a sentence stay consecutive."""
+        moved = moved_rows(index)  # the same for every layer: found once
         for cache in self.self_attn:
-            cache.reorder(index)
+            cache.reorder(index, moved)
         if sentences is not None:
+            moved = moved_rows(sentences)
             for cache in self.cross_attn:
-                cache.reorder(sentences)
+                cache.reorder(sentences, moved)
             self.memory_mask = self.memory_mask.index_select(0, sentences)
 
 

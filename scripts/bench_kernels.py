@@ -4,7 +4,11 @@
    and against `mt.attention.softmax`, which writes those rows out;
 2. top-k of a sentence's beams x vocabulary candidates: `Tensor.topk` against `mt.search.top_n`;
 3. batched one-query products (attention to the cache of each row) with few keys, where torch takes a plain
-   loop instead of BLAS (key length x head dim < 400 multiply-adds), against 7 or more keys.
+   loop instead of BLAS (key length x head dim < 400 multiply-adds), against 7 or more keys;
+4. one decoding step's attention to a growing KV cache (`mt.attention.cached_attention`) with the cache stored
+   head by head, (B, H, L, D) in memory, or step by step, (L, B, H, D) (`KVCache`), on one thread as each
+   decoding stream runs. Every call reads another cache, as each layer does, so the keys come from memory,
+   not from the CPU's caches.
 
 Each figure is the fastest of 5 rounds. Usage: python scripts/bench_kernels.py
 """
@@ -56,6 +60,29 @@ def main() -> None:
         qk_us = best_time(lambda k=k: q @ k.transpose(1, 2)) * 1e6
         wv_us = best_time(lambda w=w, k=k: w @ k) * 1e6
         print(f"{keys:>4}  {qk_us:>8.0f}  {wv_us:>8.0f}")
+
+    rows, heads, steps, dim, caches = 1000, 4, 40, 64, 6
+    print(f"\n4. attention of {rows:,} rows x {heads} heads to t of {steps} preallocated steps, by layout, "
+          "1 thread (us)")
+    print(f"{'t':>4}  {'(B, H, L, D)':>12}  {'(L, B, H, D)':>12}  {'ratio':>5}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    q = torch.randn(rows, heads, 1, dim)
+    layouts = {"head": lambda: torch.randn(rows, heads, steps, dim),
+               "step": lambda: torch.randn(steps, rows, heads, dim).permute(1, 2, 0, 3)}
+    kv = {name: [(new(), new()) for _ in range(caches)] for name, new in layouts.items()}
+    for t in (7, 15, 25, 40):
+        us = {}
+        for name, pairs in kv.items():
+            turn = iter(range(10**9))
+
+            def attend(pairs=pairs, turn=turn, t=t):
+                k, v = pairs[next(turn) % len(pairs)]
+                return attention.cached_attention(q, k[:, :, :t], v[:, :, :t], None, need_weights=False)
+
+            us[name] = best_time(attend, calls=2 * caches) * 1e6
+        print(f"{t:>4}  {us['head']:>12.0f}  {us['step']:>12.0f}  {us['head'] / us['step']:>4.2f}x")
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ recompute ratio that `mt bench` reports (the search's top-k and the streams serv
 
 Levers: two batches decoded at once (`decode.inter_threads` 2 against 1); top-k from chunk maxima
 (`search.top_n` against `Tensor.topk`); softmax of short rows written out (`attention.softmax` against
-`Tensor.softmax`); at least 7 keys per cached product (`attention.MIN_KEYS` 7 against none). The settings
+`Tensor.softmax`); at least 7 keys per cached product (`attention.MIN_KEYS` 7 against none); self-attention
+caches stored step by step (`attention._by_step` against head by head, (B, H, L, D) in memory). The settings
 alternate round by round, and each one's fastest round counts.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/decode_levers.py --run runs/multi30k
@@ -30,6 +31,8 @@ LEVERS = {
     "top_n": lambda: mock.patch.object(search, "top_n", lambda x, n: x.topk(n, dim=1)),
     "short-row softmax": lambda: mock.patch.object(attention, "softmax", lambda s: s.softmax(dim=-1)),
     "7 keys": lambda: mock.patch.object(attention, "MIN_KEYS", 0),
+    "step-major caches": lambda: mock.patch.object(
+        attention, "_by_step", lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)),
 }
 
 

@@ -96,6 +96,18 @@ def test_growing_cache_matches_full_causal_attention():
     assert cache.length == 10
 
 
+def test_growing_cache_keeps_its_filled_steps_in_one_block():
+    cache = KVCache.empty(3, 2, 4, 8, torch.float32, torch.device("cpu"))
+    keys = torch.randn(3, 2, 9, 8)
+    for t in range(9):  # past the preallocated 7 steps: the cache doubles
+        cache.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1] + 1)
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    cache.reorder(index)  # more rows: a new buffer
+    for x, expected in ((cache.k, keys[index]), (cache.v, keys[index] + 1)):
+        torch.testing.assert_close(x[:, :, :9], expected)
+        assert x[:, :, :9].permute(2, 0, 1, 3).is_contiguous()  # (steps, B, H, D) in memory
+
+
 def test_fixed_cache_matches_cross_attention():
     ours, _ = copied_pair()
     query, memory = torch.randn(2, 1, 16), torch.randn(2, 5, 16)

@@ -23,7 +23,9 @@ MIN_KEYS = 7
 class KVCache:
     """Keys and values of one attention layer, each (B, H, L, D).
 
-    Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time.
+    Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time. They
+    are stored step by step, (L, B, H, D) in memory (`_by_step`), so that the steps filled so far are one
+    contiguous block, which attention reads at every step.
     Cross-attention caches are filled once from the encoder output (`KVCache.fixed`) and never grow; they hold
     one row per sentence, which all of that sentence's beams read (see `cached_attention`).
     Beam search and batch pruning call `reorder` with the row each new row comes from.
@@ -36,8 +38,7 @@ class KVCache:
     def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> KVCache:
         shape = (batch, heads, max(max_len, MIN_KEYS), head_dim)
-        cache = cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
-                    0, growing=True)
+        cache = cls(_by_step(shape, dtype, device), _by_step(shape, dtype, device), 0, growing=True)
         cache._zero_unfilled()
         return cache
 
@@ -57,8 +58,10 @@ class KVCache:
         assert self.growing, "a cross-attention cache does not grow"
         end = self.length + k.size(2)
         if end > self.k.size(2):  # past the preallocated length: double it
-            self.k = torch.cat([self.k, torch.empty_like(self.k)], dim=2)
-            self.v = torch.cat([self.v, torch.empty_like(self.v)], dim=2)
+            rows, filled, length = self.k.size(0), slice(0, self.length), 2 * self.k.size(2)
+            grown_k, grown_v = self._new_buffer(rows, length), self._new_buffer(rows, length)
+            grown_k[:, :, filled], grown_v[:, :, filled] = self.k[:, :, filled], self.v[:, :, filled]
+            self.k, self.v = grown_k, grown_v
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
@@ -77,9 +80,8 @@ class KVCache:
         """
         rows, filled = index.numel(), slice(0, self.length)
         if rows > self.k.size(0):  # more rows than before (beams branching out): copy into a new buffer
-            k, v = self.k.new_empty((rows, *self.k.shape[1:])), self.v.new_empty((rows, *self.v.shape[1:]))
-            torch.index_select(self.k[:, :, filled], 0, index, out=k[:, :, filled])
-            torch.index_select(self.v[:, :, filled], 0, index, out=v[:, :, filled])
+            k, v = self._new_buffer(rows, self.k.size(2)), self._new_buffer(rows, self.k.size(2))
+            k[:, :, filled], v[:, :, filled] = self.k[:, :, filled][index], self.v[:, :, filled][index]
             self.k, self.v = k, v
             self._zero_unfilled()
             return
@@ -91,12 +93,32 @@ class KVCache:
                 x.index_copy_(0, moved, x.index_select(0, source))
         self.k, self.v = self.k[:rows], self.v[:rows]
 
+    def _new_buffer(self, rows: int, length: int) -> torch.Tensor:
+        """Uninitialised (rows, H, length, D) keys or values, laid out as this cache's."""
+        shape = (rows, self.k.size(1), length, self.k.size(3))
+        if self.growing:
+            return _by_step(shape, self.k.dtype, self.k.device)
+        return self.k.new_empty(shape)
+
     def _zero_unfilled(self) -> None:
         """Zeroes the unfilled steps below `MIN_KEYS`, which `append` may hand out as padding. (Only zeros
         are ever there: `append` writes filled steps, and `reorder` copies only those.)"""
         if self.growing and self.length < MIN_KEYS and self.k.device.type == "cpu":
             self.k[:, :, self.length : MIN_KEYS] = 0
             self.v[:, :, self.length : MIN_KEYS] = 0
+
+
+def _by_step(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (B, H, L, D) tensor stored step by step: (L, B, H, D) in memory.
+
+    The first t steps of a growing cache are then one block of memory, rather than B * H pieces of t steps
+    spread over the preallocated L. On the 2-core EPYC, a step's attention of 1,000 rows to a cache read from
+    memory took 3.3x, 1.9x and 1.8x less time so at 7, 15 and 25 of 40 steps; with all 40 filled it took 1.5x
+    more, but a cache is preallocated for the longest output a batch may reach, which few steps come near
+    (scripts/bench_kernels.py).
+    """
+    B, H, L, D = shape
+    return torch.empty((L, B, H, D), dtype=dtype, device=device).permute(1, 2, 0, 3)
 
 
 def moved_rows(index: torch.Tensor) -> torch.Tensor:

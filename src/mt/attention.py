@@ -206,19 +206,23 @@ def cached_attention(
     few queries were no faster here.)
     """
     B, H, T, D = q.shape
-    N = k.size(0)
-    if N != B:  # (N * G, H, T, D) -> (N, H, G * T, D)
-        q = q.view(N, B // N, H, T, D).transpose(1, 2).reshape(N, H, B // N * T, D)
+    N, dtype = k.size(0), q.dtype
+    if N != B:  # (N * G, H, T, D) -> (N, H, G, T, D)
+        q = q.view(N, B // N, H, T, D).transpose(1, 2)
+    if _write_out(q.device):  # one copy: to fp32 and into (N, H, G * T, D) order
+        q = q.to(torch.float32, memory_format=torch.contiguous_format)
+    q = q.reshape(N, H, B // N * T, D)
     if _write_out(q.device):
         with torch.autocast("cpu", enabled=False):
-            out, weights = scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, need_weights=True)
-        out = out.to(q.dtype)
+            out, weights = scaled_dot_product_attention(q, k.float(), v.float(), mask, need_weights=True)
     else:
         out, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=need_weights)
-    if N != B:  # back to one row per beam
-        out = out.view(N, H, B // N, T, D).transpose(1, 2).reshape(B, H, T, D)
-        if weights is not None:
+    if N != B:  # back to one row per beam, (N, G, H, T, D)
+        out = out.view(N, H, B // N, T, D).transpose(1, 2)
+        if need_weights:
             weights = weights.view(N, H, B // N, T, -1).transpose(1, 2).reshape(B, H, T, -1)
+    # One copy: back to the input dtype and into (B, H, T, D) order.
+    out = out.to(dtype, memory_format=torch.contiguous_format).reshape(B, H, T, D)
     return out, weights if need_weights else None
 
 

@@ -8,9 +8,7 @@
 4. one decoding step's attention to a growing KV cache (`mt.attention.cached_attention`) with the cache stored
    head by head, (B, H, L, D) in memory, or step by step, (L, B, H, D) (`KVCache`), on one thread as each
    decoding stream runs. Every call reads another cache, as each layer does, so the keys come from memory,
-   not from the CPU's caches;
-5. a beam search reorder of such a cache, stored step by step: the moved rows copied on its (B, H, L, D) view
-   or on its (L, B, H, D) storage (`KVCache._filled`).
+   not from the CPU's caches.
 
 Each figure is the fastest of 5 rounds. Usage: python scripts/bench_kernels.py
 """
@@ -84,21 +82,6 @@ def main() -> None:
 
             us[name] = best_time(attend, calls=2 * caches) * 1e6
         print(f"{t:>4}  {us['head']:>12.0f}  {us['step']:>12.0f}  {us['head'] / us['step']:>4.2f}x")
-
-    t, moved = 12, torch.randperm(rows)[: rows * 3 // 10].sort().values
-    source = torch.randint(0, rows, moved.shape)
-    print(f"\n5. reorder of {moved.numel()} of {rows:,} rows, {t} of {steps} steps filled, stored step by step, "
-          "1 thread (us)")
-    storage = torch.randn(steps, rows, heads, dim)
-
-    def on_view(x=storage.permute(1, 2, 0, 3)[:, :, :t]):
-        x.index_copy_(0, moved, x.index_select(0, source))
-
-    def on_storage(x=storage[:t]):
-        x.index_copy_(1, moved, x.index_select(1, source))
-
-    view_us, storage_us = best_time(on_view) * 1e6, best_time(on_storage) * 1e6
-    print(f"(B, H, L, D) view {view_us:.0f}, (L, B, H, D) storage {storage_us:.0f}: {view_us / storage_us:.2f}x")
     torch.set_num_threads(threads)
 
 

@@ -78,12 +78,10 @@ class KVCache:
         stay where they are (`mt.search`). `moved` is `moved_rows(index)`, when the caller has it already
         (one reorder of every layer's cache).
         """
-        rows = index.numel()
+        rows, filled = index.numel(), slice(0, self.length)
         if rows > self.k.size(0):  # more rows than before (beams branching out): copy into a new buffer
             k, v = self._new_buffer(rows, self.k.size(2)), self._new_buffer(rows, self.k.size(2))
-            for old, new in ((self.k, k), (self.v, v)):
-                (old, dim), (new, _) = self._filled(old), self._filled(new)
-                torch.index_select(old, dim, index, out=new)
+            k[:, :, filled], v[:, :, filled] = self.k[:, :, filled][index], self.v[:, :, filled][index]
             self.k, self.v = k, v
             self._zero_unfilled()
             return
@@ -91,17 +89,9 @@ class KVCache:
             moved = moved_rows(index)
         if moved.numel():
             source = index[moved]
-            for x, dim in (self._filled(self.k), self._filled(self.v)):
-                x.index_copy_(dim, moved, x.index_select(dim, source))
+            for x in (self.k[:, :, filled], self.v[:, :, filled]):
+                x.index_copy_(0, moved, x.index_select(0, source))
         self.k, self.v = self.k[:rows], self.v[:rows]
-
-    def _filled(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The filled steps of this cache's keys or values `x`, as stored in memory, and their row dimension:
-        a growing cache's (length, B, H, D), whose index operations run 1.4x faster than on the (B, H, L, D)
-        view (scripts/bench_kernels.py); a fixed cache's (B, H, S, D)."""
-        if self.growing:
-            return x.permute(2, 0, 1, 3)[: self.length], 1
-        return x, 0
 
     def _new_buffer(self, rows: int, length: int) -> torch.Tensor:
         """Uninitialised (rows, H, length, D) keys or values, laid out as this cache's."""

@@ -23,9 +23,9 @@ MIN_KEYS = 7
 class KVCache:
     """Keys and values of one attention layer, each (B, H, L, D).
 
-    Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time. They
-    are stored step by step, (L, B, H, D) in memory (`_by_step`), so that the steps filled so far are one
-    contiguous block, which attention reads at every step.
+    Self-attention caches are preallocated for `max_len` steps and grow by `append` one step at a time. On the
+    CPU they are stored step by step, (L, B, H, D) in memory (`_by_step`), so that the steps filled so far are
+    one contiguous block, which attention reads at every step.
     Cross-attention caches are filled once from the encoder output (`KVCache.fixed`) and never grow; they hold
     one row per sentence, which all of that sentence's beams read (see `cached_attention`).
     Beam search and batch pruning call `reorder` with the row each new row comes from.
@@ -109,14 +109,17 @@ class KVCache:
 
 
 def _by_step(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised (B, H, L, D) tensor stored step by step: (L, B, H, D) in memory.
+    """An uninitialised (B, H, L, D) tensor, stored step by step on the CPU: (L, B, H, D) in memory.
 
     The first t steps of a growing cache are then one block of memory, rather than B * H pieces of t steps
     spread over the preallocated L. On the 2-core EPYC, a step's attention of 1,000 rows to a cache read from
     memory took 3.3x, 1.8x and 1.7x less time so at 7, 15 and 25 of 40 steps; with all 40 filled it took 1.4x
     more, but a cache is preallocated for the longest output a batch may reach, which few steps come near
     (scripts/bench_kernels.py). End to end, beam search ran 1.17x faster (scripts/decode_levers.py).
+    Elsewhere the fused attention kernels read the usual (B, H, L, D) layout, which is kept.
     """
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     B, H, L, D = shape
     return torch.empty((L, B, H, D), dtype=dtype, device=device).permute(1, 2, 0, 3)
 

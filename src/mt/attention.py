@@ -203,12 +203,11 @@ def cached_attention(
     if N != B:  # (N * G, H, T, D) -> (N, H, G, T, D)
         q = q.view(N, B // N, H, T, D).transpose(1, 2)
     if _write_out(q.device):  # one copy: to fp32 and into (N, H, G * T, D) order
-        q = q.to(torch.float32, memory_format=torch.contiguous_format)
-    q = q.reshape(N, H, B // N * T, D)
-    if _write_out(q.device):
+        q = q.to(torch.float32, memory_format=torch.contiguous_format).reshape(N, H, B // N * T, D)
         with torch.autocast("cpu", enabled=False):
             out, weights = scaled_dot_product_attention(q, k.float(), v.float(), mask, need_weights=True)
     else:
+        q = q.reshape(N, H, B // N * T, D)
         out, weights = scaled_dot_product_attention(q, k, v, mask, need_weights=need_weights)
     if N != B:  # back to one row per beam, (N, G, H, T, D)
         out = out.view(N, H, B // N, T, D).transpose(1, 2)

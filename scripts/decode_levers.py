@@ -78,5 +78,6 @@ def main() -> None:
                          f"cache ÷ recompute {best[setting, False] / best[setting, True]:.2f}×")
             print(line)
 
+
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_pair
 from mt import corpora
 from mt.corpora import CorpusFiles
-from mt.data import collate, filter_pairs, load_corpus, make_batches, read_lines, read_pairs, tokenize
+from mt.data import _cut, collate, filter_pairs, load_corpus, make_batches, read_lines, read_pairs, tokenize
 from mt.errors import DataError
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
@@ -83,6 +83,17 @@ def test_batches_cover_every_pair_once_within_budget():
     assert real / padded > 0.9  # length bucketing keeps padding small
     again = make_batches(src_len, tgt_len, batch_tokens=500, seed=3)
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+
+
+def test_large_batches_pad_less_than_sorting_by_exact_target_length():
+    rng = np.random.default_rng(1)  # lengths as in a small corpus: many pairs per target length
+    tgt_len = np.clip(rng.normal(14, 5, 5000).round(), 2, 60).astype(int)
+    src_len = np.clip((tgt_len * rng.normal(1.15, 0.2, 5000)).round(), 1, 80).astype(int)
+    batches = make_batches(src_len, tgt_len, batch_tokens=20_000, seed=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(5000))
+    padded = sum(len(b) * int(src_len[b].max() + tgt_len[b].max() + 2) for b in batches)
+    _, exact = _cut(np.lexsort((src_len, tgt_len)), src_len, tgt_len, 20_000)
+    assert padded < 0.95 * exact
 
 
 def test_collate_adds_bos_eos_and_pads():

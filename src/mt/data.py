@@ -302,26 +302,44 @@ class Batch:
         return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in (self.src, self.tgt_in, self.tgt_out)))
 
 
+BUCKET_WIDTHS = (1, 2, 3, 4, 6)  # target-length bucket widths that make_batches tries
+
+
 def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> list[np.ndarray]:
     """Groups pair indices into batches of about `batch_tokens` padded tokens, in a seeded random order.
 
-    Pairs are sorted by target then source length (ties broken at random), cut into batches whose
-    `size × (longest source + longest target + 2)` (EOS and BOS included) fits the budget, and the batches are shuffled.
+    Pairs are sorted by target length rounded down to a multiple of a bucket width, then by source length (ties
+    broken at random), and cut into batches whose `size × (longest source + longest target + 2)` (EOS and BOS
+    included) fits the budget; the batches are shuffled. The width, from 1 to 6 tokens, is the one that leaves
+    the least padding: a wider target bucket holds more pairs, so the sources of a batch can be closer in length.
+    Large batches on a small corpus gain most (`mt bench` prints the share of real tokens).
     """
     rng = np.random.default_rng(seed)
     noise = rng.permutation(len(src_len))
-    order = np.lexsort((noise, src_len, tgt_len))
-    batches, start, max_src, max_tgt = [], 0, 0, 0
+    best, least = [], None
+    for width in BUCKET_WIDTHS:
+        batches, padded = _cut(np.lexsort((noise, src_len, tgt_len // width)), src_len, tgt_len, batch_tokens)
+        if least is None or padded < least:
+            best, least = batches, padded
+    rng.shuffle(best)
+    return best
+
+
+def _cut(order: np.ndarray, src_len: np.ndarray, tgt_len: np.ndarray,
+         batch_tokens: int) -> tuple[list[np.ndarray], int]:
+    """Cuts `order` into consecutive batches within `batch_tokens`; returns them and their padded tokens."""
+    batches, padded, start, max_src, max_tgt = [], 0, 0, 0, 0
     for i, idx in enumerate(order):
         new_src, new_tgt = max(max_src, src_len[idx]), max(max_tgt, tgt_len[idx])
         if i > start and (i - start + 1) * (new_src + new_tgt + 2) > batch_tokens:
             batches.append(order[start:i])
+            padded += (i - start) * (max_src + max_tgt + 2)
             start, new_src, new_tgt = i, src_len[idx], tgt_len[idx]
         max_src, max_tgt = new_src, new_tgt
     if start < len(order):
         batches.append(order[start:])
-    rng.shuffle(batches)
-    return batches
+        padded += (len(order) - start) * (max_src + max_tgt + 2)
+    return batches, int(padded)
 
 
 def collate(src_ids: list[list[int]], tgt_ids: list[list[int]] | None = None) -> Batch:

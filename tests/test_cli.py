@@ -294,3 +294,13 @@ def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):
                 "greedy speed-up, cache ÷ recompute", "beam 5 speed-up, cache ÷ recompute"):
         assert values[row] > 0, row
     assert "fastest of 2 alternating rounds" in result.stdout
+
+
+def test_bench_no_decode_measures_training_alone(trained, monkeypatch, data_path):
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode",
+                 "--set", "train.batch_tokens=2000")
+    assert result.exit_code == 0, result.output
+    assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
+    assert "greedy" not in result.stdout and "decoding" not in result.stdout

@@ -158,8 +158,9 @@ def _batch_lengths(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, sentences: int = 1000,
-                  test: str | None = None, rounds: int = 3) -> list[Row]:
-    """Measures everything listed in the module docstring and returns the table's rows."""
+                  test: str | None = None, rounds: int = 3, decode: bool = True) -> list[Row]:
+    """Measures everything listed in the module docstring and returns the table's rows; without `decode`,
+    training alone (the run, if given, still lends its tokenizer)."""
     device = resolve_device(config)
     amp = autocast_dtype(config, device)
     rows: list[Row] = []
@@ -223,6 +224,8 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
         Row("train speed-up, ours ÷ nn.Transformer", ours_tokens / ref_tokens, "×"),
     ]
     del reference, optimizer
+    if not decode:
+        return rows
     if run_dir is None:
         rows.append(Row("decoding", math.nan, "", "skipped: no trained run (pass --run)"))
         return rows

@@ -390,6 +390,8 @@ def bench(
     sentences: Annotated[int, typer.Option(min=1, help="Test sentences to decode.")] = 1000,
     test: Annotated[str | None, typer.Option(help="Test set for decoding (default: the config's data.test).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Decoding rounds; each decoder's fastest counts.")] = 3,
+    decode: Annotated[bool, typer.Option(help="Measure decoding (needs a trained run; --no-decode measures "
+                                         "training alone).")] = True,
     runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Measure speed side by side: matmul roof, training (ours vs nn.Transformer), decoding (cache vs
@@ -410,7 +412,7 @@ def bench(
         except CheckpointError:
             run = None
     typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test,
-                                           rounds=rounds)))
+                                           rounds=rounds, decode=decode)))
 
 
 def _corpus_arg(text: str) -> str | dict[str, str]:

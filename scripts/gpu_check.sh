@@ -4,7 +4,8 @@
 # In order of what matters most, each step under its own time limit so that one hung step cannot eat the
 # lease: the CUDA tests; a real training run of configs/multi30k-gpu.yaml for at most TRAIN_MINUTES (default 5;
 # early stopping may end it sooner); its BLEU on the Multi30k test sets; the throughput benchmark of that
-# config with decoding; and, while time is left, the training benchmark at two other batch sizes.
+# config with decoding; torch's attention kernels against mt's (scripts/sdpa_backends.py); and, while time
+# is left, the training benchmark at two other batch sizes.
 # Everything it prints is also saved under $OUT for BENCHMARKS.md.
 set -uo pipefail
 minutes=${1:-5}
@@ -41,6 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and sa
   step "eval" 120 python3 -m mt eval --run "$run" --beam 5 \
     --test multi30k:test_2016_flickr,multi30k:test_2017_flickr,multi30k:test_2017_mscoco
   step "benchmark" 200 python3 -m mt bench --config "$config" --run "$run" --seconds 15
+  step "attention kernels" 150 python3 scripts/sdpa_backends.py --config "$config" --run "$run"
   for batch in 16000 128000; do
     if ((budget - SECONDS < 60)); then
       echo "== benchmark at train.batch_tokens=$batch: skipped, ${SECONDS} s into a budget of $budget s"

@@ -146,3 +146,14 @@ def test_softmax_equals_torch_and_passes_gradients(length):
     torch.testing.assert_close(*(g[1] for g in grads))
     half = scores.bfloat16()  # computed in fp32 and rounded once, as torch's kernel does
     torch.testing.assert_close(attention.softmax(half), half.softmax(dim=-1), atol=0, rtol=0.008)
+
+
+def test_fast_kernels_leave_out_cudnn_on_cuda_and_restore_the_settings():
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    with attention.fast_kernels(torch.device("cuda")):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    with attention.fast_kernels(torch.device("cpu")):
+        assert cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled()
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before

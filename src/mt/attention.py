@@ -135,10 +135,17 @@ def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:
     On the CPU, the plain (math) kernel beats the flash kernel on sentences of a few dozen tokens: in
     training its backward pass is a few batched matrix products (a step 1.26x faster, scripts/profile_step.py).
     (A decoding step's attention to the cache does not go through this kernel: see `cached_attention`.)
-    Elsewhere PyTorch's own choice stands.
+
+    On CUDA, every kernel but cuDNN's. Since torch 2.9 cuDNN comes first on Hopper GPUs, and it builds an
+    execution graph for each new shape of its inputs, while length-bucketed batches and decoding steps bring
+    new shapes all the time. With cuDNN allowed, a training step of configs/multi30k-gpu.yaml took about
+    0.3 s on an H100 (3 % MFU, BENCHMARKS.md): that cuDNN's graphs are the cause is inferred from those numbers
+    and torch's issue threads, not yet measured; scripts/sdpa_backends.py measures it.
     """
     if device.type == "cpu":
         return sdpa_kernel([SDPBackend.MATH])
+    if device.type == "cuda":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     return contextlib.nullcontext()
 
 

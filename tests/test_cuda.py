@@ -46,6 +46,30 @@ def test_bf16_training_step_on_cuda():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] / 2
 
 
+def test_training_step_never_waits_for_the_gpu():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, heads=4, encoder_layers=2, decoder_layers=2, d_ff=128), 100).to(CUDA)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]).to(CUDA)
+
+    def step():  # as mt.train.Trainer.step
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = loss_fn(model, batch, 0.1)
+        (loss / batch.target_tokens).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first step may set things up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any operation that waits for the device raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_cached_decoding_equals_recomputation_on_cuda():
     torch.manual_seed(3)
     model = Transformer(ModelConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, d_ff=64), 50)

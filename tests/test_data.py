@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_pair
 from mt import corpora
 from mt.corpora import CorpusFiles
-from mt.data import _cut, collate, filter_pairs, load_corpus, make_batches, read_lines, read_pairs, tokenize
+from mt.data import _cut, collate, filter_pairs, load_corpus, make_batches, pad, read_lines, read_pairs, tokenize
 from mt.errors import DataError
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
@@ -102,6 +103,20 @@ def test_collate_adds_bos_eos_and_pads():
     assert batch.tgt_in.tolist() == [[BOS, 9, PAD], [BOS, 10, 11]]
     assert batch.tgt_out.tolist() == [[9, EOS, PAD], [10, 11, EOS]]
     assert batch.target_tokens == 5
+    assert batch.real.tolist() == [0, 1, 3, 4, 5]  # flat positions of the real target tokens
+    assert batch.to(torch.device("cpu")).real.tolist() == [0, 1, 3, 4, 5]
+
+
+def test_pad_equals_padding_row_by_row():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        seqs = [rng.integers(4, 99, rng.integers(0, 8)).tolist() for _ in range(rng.integers(0, 6))]
+        for start, end in ((None, None), (BOS, None), (None, EOS)):
+            rows = [([start] if start else []) + s + ([end] if end else []) for s in seqs]
+            expected = torch.full((len(rows), max(map(len, rows), default=0)), PAD, dtype=torch.long)
+            for i, row in enumerate(rows):
+                expected[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            assert torch.equal(pad(seqs, start=start, end=end), expected)
 
 
 def test_cleaning_normalises_and_removes_duplicates(tmp_path):

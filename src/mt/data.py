@@ -285,21 +285,31 @@ def lengths(ds) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Batch:
-    """A padded batch. `tgt_in` starts with BOS, `tgt_out` ends with EOS; both are (B, T)."""
+    """A padded batch. `tgt_in` starts with BOS, `tgt_out` ends with EOS; both are (B, T).
+
+    `real` holds the flat indices of the real (non-padding) positions of `tgt_out`, found when the batch is
+    built on the CPU: selecting them on a GPU with a boolean mask would make the host wait for the device.
+    """
 
     src: torch.Tensor  # (B, S)
     tgt_in: torch.Tensor  # (B, T)
     tgt_out: torch.Tensor  # (B, T)
+    real: torch.Tensor | None = None  # (N,) int64, into tgt_out.flatten()
+
+    def __post_init__(self):
+        if self.real is None:
+            self.real = (self.tgt_out != PAD).flatten().nonzero()[:, 0]
 
     @property
     def target_tokens(self) -> int:
-        return int((self.tgt_out != PAD).sum())
+        return self.real.numel()
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`; to CUDA from pinned memory, without waiting for the copy."""
+        tensors = (self.src, self.tgt_in, self.tgt_out, self.real)
         if device.type != "cuda":
-            return Batch(*(t.to(device) for t in (self.src, self.tgt_in, self.tgt_out)))
-        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in (self.src, self.tgt_in, self.tgt_out)))
+            return Batch(*(t.to(device) for t in tensors))
+        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
 
 
 BUCKET_WIDTHS = (1, 2, 3, 4, 6)  # target-length bucket widths that make_batches tries
@@ -344,16 +354,26 @@ def _cut(order: np.ndarray, src_len: np.ndarray, tgt_len: np.ndarray,
 
 def collate(src_ids: list[list[int]], tgt_ids: list[list[int]] | None = None) -> Batch:
     """Pads token lists into a Batch: EOS ends every source; tgt tensors are empty when `tgt_ids` is None."""
-    src = pad([[*ids, EOS] for ids in src_ids])
+    src = pad(src_ids, end=EOS)
     if tgt_ids is None:
         empty = torch.zeros(len(src_ids), 0, dtype=torch.long)
         return Batch(src, empty, empty)
-    return Batch(src, pad([[BOS, *ids] for ids in tgt_ids]), pad([[*ids, EOS] for ids in tgt_ids]))
+    return Batch(src, pad(tgt_ids, start=BOS), pad(tgt_ids, end=EOS))
 
 
-def pad(seqs: list[list[int]]) -> torch.Tensor:
-    """Right-pads with PAD into a (len(seqs), longest) long tensor."""
-    out = torch.full((len(seqs), max((len(s) for s in seqs), default=0)), PAD, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
+def pad(seqs: list[list[int]], start: int | None = None, end: int | None = None) -> torch.Tensor:
+    """Right-pads with PAD into a (len(seqs), longest + extras) long tensor, with `start` before and `end`
+    after each sequence when given. Vectorised: one pass over all the tokens, not one tensor per row."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    first = int(start is not None)
+    width = lengths.max() + first + int(end is not None) if len(seqs) else 0
+    out = np.full((len(seqs), width), PAD, dtype=np.int64)
+    rows = np.repeat(np.arange(len(seqs)), lengths)
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + first
+    out[rows, cols] = flat
+    if start is not None and len(seqs):
+        out[:, 0] = start
+    if end is not None:
+        out[np.arange(len(seqs)), lengths + first] = end
+    return torch.from_numpy(out)

@@ -108,11 +108,11 @@ class Transformer(nn.Module):
         return F.linear(states, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N positions
-        where the boolean (B, T) `where` is True (training scores only real target tokens)."""
+        """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N flat
+        positions `where` (indices into B × T; training scores only real target tokens: `Batch.real`)."""
         memory, mask = self.encode(src)
         states = self.decode(tgt, memory, mask)
-        return self.logits(states if where is None else states[where])
+        return self.logits(states if where is None else states.flatten(0, 1)[where])
 
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""

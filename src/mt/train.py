@@ -44,7 +44,7 @@ from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
-from mt.tokenizer import PAD, Tokenizer
+from mt.tokenizer import Tokenizer
 from mt.translate import translate_ids
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,9 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so
     that DDP sees the forward pass.
     """
-    real = batch.tgt_out != PAD
     with fast_kernels(batch.src.device):
-        logits = model(batch.src, batch.tgt_in, real)  # (N, V): only real positions
-    return SmoothedCrossEntropy.apply(logits, batch.tgt_out[real], label_smoothing)
+        logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only real positions
+    return SmoothedCrossEntropy.apply(logits, batch.tgt_out.flatten()[batch.real], label_smoothing)
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):

@@ -33,7 +33,8 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and sa
   echo "== machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  nproc; git rev-parse HEAD 2>/dev/null || true; date -u
+  nproc; date -u
+  echo "commit (from gpu_prepare.sh): $(cat .whl/COMMIT 2>/dev/null || echo unknown)"
   step "CUDA tests" 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
     tests/test_layers.py tests/test_search.py
   step "training (at most $minutes min)" $((${minutes%.*} * 60 + 150)) \

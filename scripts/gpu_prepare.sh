@@ -13,4 +13,6 @@ for pkg in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$pkg"
 done
+# The commit being checked, for the log: the GPU machine's copy of .git can lag behind the working tree.
+{ git rev-parse HEAD; git status --short --untracked-files=no; } > .whl/COMMIT
 ls -la data/multi30k .whl

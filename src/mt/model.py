@@ -112,7 +112,7 @@ class Transformer(nn.Module):
         positions `where` (indices into B × T; training scores only real target tokens: `Batch.real`)."""
         memory, mask = self.encode(src)
         states = self.decode(tgt, memory, mask)
-        return self.logits(states if where is None else states.flatten(0, 1)[where])
+        return self.logits(states if where is None else states.flatten(0, 1).index_select(0, where))
 
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
         """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""

@@ -177,7 +177,7 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     """
     with fast_kernels(batch.src.device):
         logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only real positions
-    return SmoothedCrossEntropy.apply(logits, batch.tgt_out.flatten()[batch.real], label_smoothing)
+    return SmoothedCrossEntropy.apply(logits, batch.tgt_out.flatten().index_select(0, batch.real), label_smoothing)
 
 
 class SmoothedCrossEntropy(torch.autograd.Function):

@@ -175,6 +175,11 @@ def test_average_and_tune(trained, monkeypatch, data_path):
     decode = load_config(Path("runs/tuned/config.yaml")).decode
     best = result.stdout.splitlines()[0].split()
     assert (decode.beam_size, decode.length_penalty) == (int(best[1]), float(best[4]))
+    from mt.evaluate import tune_run
+
+    before = decode.inter_threads
+    tune_run(Path("runs/tuned"), [1, 2], [1.0], device="cpu", streams=before + 1)  # as `mt train` tunes
+    assert load_config(Path("runs/tuned/config.yaml")).decode.inter_threads == before  # the run's own setting
 
 
 def test_nbest_json(trained, monkeypatch):

@@ -55,9 +55,10 @@ def tune_decoding(translator, sources: Sequence[str], references: Sequence[str],
 
 
 def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], device: str = "auto",
-             weights: str | None = None) -> list[dict]:
+             weights: str | None = None, streams: int | None = None) -> list[dict]:
     """Chooses the beam size and length penalty with the best BLEU on the run's validation set and stores
-    them as the run's decoding defaults (the `decode` section of its config.yaml)."""
+    them as the run's decoding defaults (the `decode` section of its config.yaml). `streams` overrides
+    `decode.inter_threads` for the tuning only."""
     from mt import checkpoint, corpora
     from mt.config import save_config
     from mt.data import read_corpus
@@ -65,6 +66,8 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
 
     translator = Translator.load(run_dir, device=device, weights=weights)
     config = translator.config
+    if streams is not None:
+        translator.config = replace(config, decode=replace(config.decode, inter_threads=streams))
     files = corpora.resolve(config.data.valid, config.data.src_lang, config.data.tgt_lang)
     sources, references = read_corpus(files)
     results = tune_decoding(translator, sources, references, beams, penalties)

@@ -3,9 +3,9 @@
 #   command: "bash scripts/gpu_check.sh [TRAIN_MINUTES]"   carry: ["data/multi30k", ".whl"]   timeout_s: 600
 # In order of what matters most, each step under its own time limit so that one hung step cannot eat the
 # lease: the CUDA tests; a real training run of configs/multi30k-gpu.yaml for at most TRAIN_MINUTES (default 5;
-# early stopping may end it sooner); its BLEU on the Multi30k test sets; the throughput benchmark of that
-# config with decoding; torch's attention kernels against mt's (scripts/sdpa_backends.py); and, while time
-# is left, the training benchmark at two other batch sizes.
+# early stopping may end it sooner); its BLEU on the Multi30k test sets; torch's attention kernels against
+# mt's (scripts/sdpa_backends.py); the throughput benchmark of that config with decoding; and, while time is
+# left, the training benchmark at two other batch sizes. The last steps get what is left of the budget.
 # Everything it prints is also saved under $OUT for BENCHMARKS.md.
 set -uo pipefail
 minutes=${1:-5}
@@ -20,6 +20,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MT_DATA_PATH="$PWD/data"
+
+limit() {  # the smaller of $1 seconds and what is left of the budget
+  local left=$((budget - SECONDS))
+  echo $(($1 < left ? $1 : (left > 1 ? left : 1)))
+}
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and says how long it took
   local name=$1 limit=$2 start=$SECONDS
@@ -42,8 +47,8 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and sa
   cp "$run/metrics.jsonl" "$run/train.log" "$out/"
   step "eval" 120 python3 -m mt eval --run "$run" --beam 5 \
     --test multi30k:test_2016_flickr,multi30k:test_2017_flickr,multi30k:test_2017_mscoco
-  step "benchmark" 200 python3 -m mt bench --config "$config" --run "$run" --seconds 15
-  step "attention kernels" 150 python3 scripts/sdpa_backends.py --config "$config" --run "$run"
+  step "attention kernels" $(limit 150) python3 scripts/sdpa_backends.py --config "$config" --run "$run"
+  step "benchmark" $(limit 200) python3 -m mt bench --config "$config" --run "$run" --seconds 15
   for batch in 16000 128000; do
     if ((budget - SECONDS < 60)); then
       echo "== benchmark at train.batch_tokens=$batch: skipped, ${SECONDS} s into a budget of $budget s"

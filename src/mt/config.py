@@ -112,7 +112,8 @@ class DecodeConfig:
     max_len_a: float = option(1.5, "longest output = max_len_a * source length + max_len_b", min=0.0)
     max_len_b: int = option(10, "see max_len_a", min=1)
     batch_tokens: int = option(16000, "source tokens per decoding batch (times beam size)", min=1)
-    inter_threads: int = option(2, "batches decoded at once on a CPU, sharing torch's threads", min=1)
+    inter_threads: int = option(2, "batches decoded at once on a CPU, sharing torch's threads (mt train's own "
+                                   "decoding: one)", min=1)
 
 
 @dataclass(frozen=True)

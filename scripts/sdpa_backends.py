@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from functools import partial
@@ -24,14 +22,14 @@ from unittest import mock
 
 import torch
 
-from mt import checkpoint, corpora
-from mt.bench import Row, format_table, matmul_roof, measure_training, training_flops
+from mt import corpora
+from mt.bench import Row, _train_step, format_table, matmul_roof, measure_training, training_data, training_flops
 from mt.config import load_config
 from mt.data import collate, make_batches, read_corpus
-from mt.devices import autocast, autocast_dtype, resolve_device
+from mt.devices import autocast_dtype, resolve_device
 from mt.model import Transformer
 from mt.tokenizer import PAD
-from mt.train import loss_fn, prepare_data
+from mt.train import loss_fn
 from mt.translate import Translator, translate_ids
 
 SETTINGS = {"torch's choice": True, "mt (fast_kernels)": False}  # name: whether torch chooses
@@ -68,28 +66,13 @@ def main() -> None:
     device = resolve_device(config)
     amp = autocast_dtype(config, device)
     roof = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
-    workdir = Path(tempfile.mkdtemp(prefix="mt-sdpa-"))
-    try:
-        if args.run is not None:
-            shutil.copy(args.run / checkpoint.TOKENIZER, workdir / checkpoint.TOKENIZER)
-        data = prepare_data(config, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    data = training_data(config, args.run)
     rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
     vocab = data.tokenizer.vocab_size
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model, vocab).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step(batch) -> None:
-        batch = batch.to(device)
-        with autocast(device, amp):
-            loss, _ = loss_fn(model, batch, 0.1)
-        (loss / batch.target_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = _train_step(model, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)  # as mt bench times
     rows = [Row("roof", roof / 1e12, "TFLOP/s", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")]
     for r in range(args.rounds):
         index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + r)

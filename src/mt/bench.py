@@ -174,14 +174,7 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
         fp32_roof = matmul_roof(device, torch.float32, size)
         rows.append(Row(f"roof: {size}² matmul, float32", fp32_roof / scale, flop_unit))
 
-    # Real length-bucketed batches, tokenized with the run's tokenizer when there is one.
-    workdir = Path(tempfile.mkdtemp(prefix="mt-bench-"))
-    try:
-        if run_dir is not None and (run_dir / checkpoint.TOKENIZER).is_file():
-            shutil.copy(run_dir / checkpoint.TOKENIZER, workdir / checkpoint.TOKENIZER)
-        data = prepare_data(config, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    data = training_data(config, run_dir)
     vocab = data.tokenizer.vocab_size
     rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
     index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, seed=config.train.seed)
@@ -231,6 +224,18 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
         return rows
     rows += _decoding_rows(run_dir, config, device, test or _default_test(config), sentences, rounds)
     return rows
+
+
+def training_data(config: Config, run_dir: Path | None):
+    """The config's training data, prepared in a temporary folder and tokenized with the run's tokenizer when
+    there is one (else a new tokenizer is trained)."""
+    workdir = Path(tempfile.mkdtemp(prefix="mt-bench-"))
+    try:
+        if run_dir is not None and (run_dir / checkpoint.TOKENIZER).is_file():
+            shutil.copy(run_dir / checkpoint.TOKENIZER, workdir / checkpoint.TOKENIZER)
+        return prepare_data(config, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _columns(rows_data, idx) -> tuple[list[list[int]], list[list[int]]]:

@@ -23,12 +23,22 @@ from unittest import mock
 import torch
 
 from mt import corpora
-from mt.bench import Row, _train_step, format_table, matmul_roof, measure_training, training_data, training_flops
+from mt.bench import (
+    Row,
+    _batch_lengths,
+    _default_test,
+    _sync,
+    _train_step,
+    format_table,
+    matmul_roof,
+    measure_training,
+    training_data,
+    training_flops,
+)
 from mt.config import load_config
 from mt.data import collate, make_batches, read_corpus
 from mt.devices import autocast_dtype, resolve_device
 from mt.model import Transformer
-from mt.tokenizer import PAD
 from mt.train import loss_fn
 from mt.translate import Translator, translate_ids
 
@@ -45,12 +55,10 @@ def torch_chooses() -> contextlib.ExitStack:
 
 def timed(work, device: torch.device) -> float:
     """Wall seconds of `work()`, device work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     work()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -80,15 +88,13 @@ def main() -> None:
         for name, torch_choice in SETTINGS.items():
             with torch_chooses() if torch_choice else contextlib.nullcontext():
                 elapsed, steps, done = measure_training(step, batches, args.seconds, device)
-            flops = sum(training_flops(config.model, vocab, (b.src != PAD).sum(1).numpy(),
-                                       (b.tgt_out != PAD).sum(1).numpy()) for b in done)
+            flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done)
             rows.append(Row(f"round {r + 1}, {name}: train target tokens/s",
                             sum(b.target_tokens for b in done) / elapsed, "tok/s",
                             f"{steps} steps, MFU {100 * flops / elapsed / roof:.1f} %"))
     if args.run is not None:
         translator = Translator.load(args.run, device=str(device))
-        test = config.data.test if isinstance(config.data.test, str) else "multi30k:test_2016_flickr"
-        files = corpora.resolve(test, config.data.src_lang, config.data.tgt_lang)
+        files = corpora.resolve(_default_test(config), config.data.src_lang, config.data.tgt_lang)
         sources = translator.tokenizer.encode(read_corpus(files)[0][: args.sentences])
         for beam in (1, 5):
             decode = replace(translator.config.decode, beam_size=beam)

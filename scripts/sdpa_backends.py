@@ -6,8 +6,14 @@ cuDNN builds an execution graph for each new shape. Training batches are cut afr
 round here draws new batches (the next epoch's seed), as training does; both settings see the same batches in
 the same round, and alternate.
 
+With `--profile N`, it then runs N training steps (new batches) and one greedy decoding pass under
+torch.profiler for each setting, and prints where the time went: the busiest operators on the host and on the
+device, and the device's busy share of the wall time (a low share: the host, not the device, sets the pace).
+Without `--run`, decoding uses the model this script has trained for a few seconds, which runs every sentence
+to its length limit: per-step costs, not real translation speed.
+
 Usage: python scripts/sdpa_backends.py --config configs/multi30k-gpu.yaml [--run runs/multi30k-gpu]
-           [--seconds 8] [--rounds 2]
+           [--seconds 8] [--rounds 2] [--profile 4]
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from mt.model import Transformer
 from mt.train import loss_fn
 from mt.translate import Translator, translate_ids
 
-SETTINGS = {"torch's choice": True, "mt (fast_kernels)": False}  # name: whether torch chooses
+SETTINGS_MT = "mt (fast_kernels)"
+SETTINGS = {"torch's choice": True, SETTINGS_MT: False}  # name: whether torch chooses
 
 
 def torch_chooses() -> contextlib.ExitStack:
@@ -62,6 +69,22 @@ def timed(work, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def profiled(work, device: torch.device, title: str, rows: int = 12) -> None:
+    """Runs `work()` under torch.profiler and prints the busiest operators and the device's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        seconds = timed(work, device)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"\n### {title}: {seconds:.3f} s wall, device busy {busy:.3f} s ({100 * busy / seconds:.0f} %)")
+    keys = ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ())
+    for key in keys:
+        print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -69,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed training per setting and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=1000, help="test sentences to decode")
+    parser.add_argument("--profile", type=int, default=0, help="training steps to profile per setting")
     args = parser.parse_args()
     config = load_config(args.config, [])
     device = resolve_device(config)
@@ -78,9 +102,9 @@ def main() -> None:
     rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
     vocab = data.tokenizer.vocab_size
     torch.manual_seed(config.train.seed)
-    model = Transformer(config.model, vocab).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step = _train_step(model, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)  # as mt bench times
+    trainee = Transformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4, fused=True)
+    step = _train_step(trainee, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)  # as mt bench times
     rows = [Row("roof", roof / 1e12, "TFLOP/s", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")]
     for r in range(args.rounds):
         index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + r)
@@ -94,19 +118,44 @@ def main() -> None:
                             f"{steps} steps, MFU {100 * flops / elapsed / roof:.1f} %"))
     if args.run is not None:
         translator = Translator.load(args.run, device=str(device))
-        files = corpora.resolve(_default_test(config), config.data.src_lang, config.data.tgt_lang)
-        sources = translator.tokenizer.encode(read_corpus(files)[0][: args.sentences])
-        for beam in (1, 5):
-            decode = replace(translator.config.decode, beam_size=beam)
-            # Two passes each: in the first, every shape is new (as in a fresh `mt translate`); in the second,
-            # cuDNN has its graphs.
-            for n in (1, 2):
-                for name, torch_choice in SETTINGS.items():
-                    with torch_chooses() if torch_choice else contextlib.nullcontext():
-                        seconds = timed(partial(translate_ids, translator.model, sources, decode,
-                                                amp=translator.amp), device)
-                    rows.append(Row(f"beam {beam}, pass {n}, {name}: {len(sources)} sentences", seconds, "s"))
+        model, tokenizer, decode, model_amp = (translator.model, translator.tokenizer, translator.config.decode,
+                                               translator.amp)
+    else:
+        model, tokenizer, decode, model_amp = trainee, data.tokenizer, config.decode, amp
+    # The run's decoding settings with the batch size of the benchmark's config (a machine setting).
+    decode = replace(decode, batch_tokens=config.decode.batch_tokens)
+    files = corpora.resolve(_default_test(config), config.data.src_lang, config.data.tgt_lang)
+    sources = tokenizer.encode(read_corpus(files)[0][: args.sentences])
+
+    def translate(beam: int, use_cache: bool = True):
+        return translate_ids(model, sources, replace(decode, beam_size=beam), use_cache=use_cache, amp=model_amp)
+
+    for beam in (1, 5):
+        # Two passes each: in the first, every shape is new (as in a fresh `mt translate`); in the second,
+        # cuDNN has its graphs. Then the decoder that recomputes the prefix, with mt's kernels.
+        for n in (1, 2):
+            for name, torch_choice in SETTINGS.items():
+                with torch_chooses() if torch_choice else contextlib.nullcontext():
+                    seconds = timed(partial(translate, beam), device)
+                rows.append(Row(f"beam {beam}, pass {n}, {name}: {len(sources)} sentences", seconds, "s"))
+        seconds = timed(partial(translate, beam, use_cache=False), device)
+        rows.append(Row(f"beam {beam}, recompute prefix, {SETTINGS_MT}: {len(sources)} sentences", seconds, "s"))
     print(format_table(rows))
+    if args.profile:
+        # The host's share of a step in `mt train`: fetching a batch's rows and collating them.
+        start = time.perf_counter()
+        batches = [collate(rows_data[idx]["src_ids"], rows_data[idx]["tgt_ids"]) for idx in
+                   make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + 99)]
+        print(f"\nfetched and collated one epoch, {len(batches)} batches, in {time.perf_counter() - start:.3f} s")
+        for name, torch_choice in SETTINGS.items():
+            with torch_chooses() if torch_choice else contextlib.nullcontext():
+                chunk = batches[: args.profile]
+                batches = batches[args.profile :]
+                trainee.train()  # decoding left it in eval mode
+                profiled(lambda chunk=chunk: [step(b) for b in chunk], device,
+                         f"{len(chunk)} training steps, new shapes, {name}")
+                profiled(partial(translate, 1), device, f"greedy decoding of {len(sources)} sentences, {name}")
+        print(format_table(rows))  # again, after the profiles
 
 
 if __name__ == "__main__":

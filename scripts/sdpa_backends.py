@@ -71,6 +71,7 @@ def timed(work, device: torch.device) -> float:
 
 def profiled(work, device: torch.device, title: str, rows: int = 12) -> None:
     """Runs `work()` under torch.profiler and prints the busiest operators and the device's busy share."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -78,7 +79,7 @@ def profiled(work, device: torch.device, title: str, rows: int = 12) -> None:
     with profile(activities=activities) as prof:
         seconds = timed(work, device)
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6
+    busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6  # kernels
     print(f"\n### {title}: {seconds:.3f} s wall, device busy {busy:.3f} s ({100 * busy / seconds:.0f} %)")
     keys = ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ())
     for key in keys:

@@ -1,11 +1,13 @@
 """The command line, end to end on a slice of real Multi30k, and its one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT, write_pair
@@ -309,3 +311,18 @@ def test_bench_no_decode_measures_training_alone(trained, monkeypatch, data_path
     assert result.exit_code == 0, result.output
     assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
     assert "greedy" not in result.stdout and "decoding" not in result.stdout
+
+
+def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+
+    def out_of_memory(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.32 GiB.")
+
+    monkeypatch.setattr("mt.bench._reference_loss", out_of_memory)
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode")
+    assert result.exit_code == 0, result.output
+    assert "train ours: MFU" in result.stdout
+    assert re.search(r"out of cpu memory with random batches of \d+ sentences: not compared", result.stdout)
+    assert "ours ÷ nn.Transformer" not in result.stdout

@@ -15,6 +15,7 @@ Model FLOPs count the real (non-padding) tokens only: padding is work the hardwa
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import resource
@@ -201,22 +202,9 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
         Row("train ours: MFU", 100 * flops / roof, "%", "model FLOP/s ÷ roof"),
         Row("train ours: peak memory", peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
     ]
-    del model, optimizer
-    torch.manual_seed(config.train.seed)
-    reference = ReferenceTransformer(config.model, vocab).to(device).train()
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4)
-    step = _train_step(reference, optimizer, _reference_loss, None, device)
-    elapsed, steps, done = measure_training(step, ref_batches, seconds, device)
-    ref_tokens = sum(b.target_tokens for b in done) / elapsed
-    ref_flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
-    rows += [
-        Row("train nn.Transformer: target tokens/s", ref_tokens, "tok/s",
-            f"{steps} steps, fp32, random batches of {per_batch} sentences"),
-        Row("train nn.Transformer: real (non-pad) share", 100 * _real_share(done), "%"),
-        Row("train nn.Transformer: MFU", 100 * ref_flops / roof, "%"),
-        Row("train speed-up, ours ÷ nn.Transformer", ours_tokens / ref_tokens, "×"),
-    ]
-    del reference, optimizer
+    del model, optimizer, step
+    _free(device)
+    rows += _reference_rows(config, vocab, ref_batches, per_batch, seconds, device, roof, ours_tokens)
     if not decode:
         return rows
     if run_dir is None:
@@ -224,6 +212,42 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
         return rows
     rows += _decoding_rows(run_dir, config, device, test or _default_test(config), sentences, rounds)
     return rows
+
+
+def _reference_rows(config: Config, vocab: int, batches: list[Batch], per_batch: int, seconds: float,
+                    device: torch.device, roof: float, ours_tokens: float) -> list[Row]:
+    """Trains the `nn.Transformer` reference the plain way and compares; a reference that runs out of device
+    memory (fp32, logits for every position of random, hence long-padded, batches) gets a row saying so."""
+    torch.manual_seed(config.train.seed)
+    reference = ReferenceTransformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4)
+    step = _train_step(reference, optimizer, _reference_loss, None, device)
+    try:
+        measured = measure_training(step, batches, seconds, device)
+    except torch.OutOfMemoryError:
+        measured = None  # freed below, once the exception no longer holds the step's tensors
+    if measured is None:
+        del reference, optimizer, step
+        _free(device)
+        return [Row("train nn.Transformer", math.nan, "", f"out of {device.type} memory with random batches of "
+                    f"{per_batch} sentences: not compared (lower train.batch_tokens)")]
+    elapsed, steps, done = measured
+    ref_tokens = sum(b.target_tokens for b in done) / elapsed
+    ref_flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
+    return [
+        Row("train nn.Transformer: target tokens/s", ref_tokens, "tok/s",
+            f"{steps} steps, fp32, random batches of {per_batch} sentences"),
+        Row("train nn.Transformer: real (non-pad) share", 100 * _real_share(done), "%"),
+        Row("train nn.Transformer: MFU", 100 * ref_flops / roof, "%"),
+        Row("train speed-up, ours ÷ nn.Transformer", ours_tokens / ref_tokens, "×"),
+    ]
+
+
+def _free(device: torch.device) -> None:
+    """Returns the memory of deleted models to the device, so that the next measurement starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def training_data(config: Config, run_dir: Path | None):

@@ -42,7 +42,7 @@ from mt.bench import (
     training_flops,
 )
 from mt.config import load_config
-from mt.data import collate, make_batches, read_corpus
+from mt.data import PairTable, make_batches, read_corpus
 from mt.devices import autocast_dtype, resolve_device
 from mt.model import Transformer
 from mt.train import loss_fn
@@ -100,7 +100,7 @@ def main() -> None:
     amp = autocast_dtype(config, device)
     roof = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
     data = training_data(config, args.run)
-    rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
+    table = PairTable(data.train)
     vocab = data.tokenizer.vocab_size
     torch.manual_seed(config.train.seed)
     trainee = Transformer(config.model, vocab).to(device).train()
@@ -109,7 +109,7 @@ def main() -> None:
     rows = [Row("roof", roof / 1e12, "TFLOP/s", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")]
     for r in range(args.rounds):
         index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + r)
-        batches = [collate(rows_data[idx]["src_ids"], rows_data[idx]["tgt_ids"]) for idx in index_batches[:400]]
+        batches = [table.batch(idx) for idx in index_batches[:400]]
         for name, torch_choice in SETTINGS.items():
             with torch_chooses() if torch_choice else contextlib.nullcontext():
                 elapsed, steps, done = measure_training(step, batches, args.seconds, device)
@@ -143,11 +143,11 @@ def main() -> None:
         rows.append(Row(f"beam {beam}, recompute prefix, {SETTINGS_MT}: {len(sources)} sentences", seconds, "s"))
     print(format_table(rows))
     if args.profile:
-        # The host's share of a step in `mt train`: fetching a batch's rows and collating them.
+        # The host's share of a step in `mt train`: fetching a batch's rows, padded (scripts/bench_batches.py).
         start = time.perf_counter()
-        batches = [collate(rows_data[idx]["src_ids"], rows_data[idx]["tgt_ids"]) for idx in
+        batches = [table.batch(idx) for idx in
                    make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + 99)]
-        print(f"\nfetched and collated one epoch, {len(batches)} batches, in {time.perf_counter() - start:.3f} s")
+        print(f"\nfetched one epoch, {len(batches)} padded batches, in {time.perf_counter() - start:.3f} s")
         for name, torch_choice in SETTINGS.items():
             with torch_chooses() if torch_choice else contextlib.nullcontext():
                 chunk = batches[: args.profile]

@@ -10,7 +10,18 @@ import torch
 from conftest import write_pair
 from mt import corpora
 from mt.corpora import CorpusFiles
-from mt.data import _cut, collate, filter_pairs, load_corpus, make_batches, pad, read_lines, read_pairs, tokenize
+from mt.data import (
+    PairTable,
+    _cut,
+    collate,
+    filter_pairs,
+    load_corpus,
+    make_batches,
+    pad,
+    read_lines,
+    read_pairs,
+    tokenize,
+)
 from mt.errors import DataError
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
@@ -69,6 +80,22 @@ def test_filters_report_what_they_removed(tmp_path, toy_tokenizer):
     assert (report.total, report.empty, report.too_long, report.bad_ratio, report.kept) == (5, 1, 1, 1, 2)
     assert list(ds["src"]) == ["le chat", "un"]
     assert "1 with an empty side" in report.describe()
+
+
+def test_pair_table_batches_equal_collated_rows_after_filtering(tmp_path, toy_tokenizer):
+    rng = np.random.default_rng(0)
+    words = ["le", "chat", "chien", "rouge", "la", "maison", "un", "the", "cat", "dog", "red", "house"]
+    src = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(60)] + ["", "un"]
+    tgt = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(60)] + ["the dog", "a " * 30]
+    files = CorpusFiles("toy", *write_pair(tmp_path, "toy", src, tgt))
+    ds, report = filter_pairs(tokenize(load_corpus(files), toy_tokenizer), max_tokens=40, max_ratio=3.0)
+    assert report.kept < report.total  # the kept pairs are a selection, not the whole table
+    table = PairTable(ds)
+    assert len(table) == len(ds) == report.kept
+    for idx in (np.arange(len(ds)), rng.permutation(len(ds))[:17], np.array([len(ds) - 1])):
+        batch, expected = table.batch(idx), collate(ds[idx]["src_ids"], ds[idx]["tgt_ids"])
+        for field in ("src", "tgt_in", "tgt_out", "real"):
+            assert torch.equal(getattr(batch, field), getattr(expected, field)), field
 
 
 def test_batches_cover_every_pair_once_within_budget():

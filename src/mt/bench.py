@@ -33,7 +33,7 @@ from torch import nn
 
 from mt import checkpoint, corpora
 from mt.config import Config, ModelConfig
-from mt.data import Batch, collate, make_batches, read_corpus
+from mt.data import Batch, PairTable, make_batches, read_corpus
 from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
@@ -177,13 +177,13 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
 
     data = training_data(config, run_dir)
     vocab = data.tokenizer.vocab_size
-    rows_data = data.train.with_format(None, columns=["src_ids", "tgt_ids"])
+    table = PairTable(data.train)
     index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, seed=config.train.seed)
     n_batches = min(len(index_batches), 400)
-    ours_batches = [collate(*_columns(rows_data, idx)) for idx in index_batches[:n_batches]]
+    ours_batches = [table.batch(idx) for idx in index_batches[:n_batches]]
     per_batch = int(np.mean([len(b) for b in index_batches]))
     shuffled = np.random.default_rng(config.train.seed).permutation(len(data.src_len))
-    ref_batches = [collate(*_columns(rows_data, shuffled[i : i + per_batch]))
+    ref_batches = [table.batch(shuffled[i : i + per_batch])
                    for i in range(0, min(len(shuffled), per_batch * n_batches), per_batch)]
 
     torch.manual_seed(config.train.seed)
@@ -260,11 +260,6 @@ def training_data(config: Config, run_dir: Path | None):
         return prepare_data(config, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _columns(rows_data, idx) -> tuple[list[list[int]], list[list[int]]]:
-    rows = rows_data[idx]
-    return rows["src_ids"], rows["tgt_ids"]
 
 
 def _default_test(config: Config) -> str:

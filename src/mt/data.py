@@ -268,7 +268,8 @@ def filter_pairs(ds, max_tokens: int, max_ratio: float):
     keep = np.flatnonzero(~(empty | too_long | bad_ratio))
     report = FilterReport(len(ds), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()), len(keep))
     if len(keep) < len(ds):
-        ds = ds.select(keep)
+        # Written out rather than kept as an index mapping: `PairTable` then reads the Arrow columns directly.
+        ds = ds.select(keep).flatten_indices()
     return ds, report
 
 
@@ -366,14 +367,49 @@ def pad(seqs: list[list[int]], start: int | None = None, end: int | None = None)
     after each sequence when given. Vectorised: one pass over all the tokens, not one tensor per row."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    return pad_flat(flat, lengths, start, end)
+
+
+def pad_flat(flat: np.ndarray, lengths: np.ndarray, start: int | None = None, end: int | None = None) -> torch.Tensor:
+    """`pad` of sequences given as their concatenation `flat` and their `lengths`."""
     first = int(start is not None)
-    width = lengths.max() + first + int(end is not None) if len(seqs) else 0
-    out = np.full((len(seqs), width), PAD, dtype=np.int64)
-    rows = np.repeat(np.arange(len(seqs)), lengths)
+    width = lengths.max() + first + int(end is not None) if len(lengths) else 0
+    out = np.full((len(lengths), width), PAD, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
     cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + first
     out[rows, cols] = flat
-    if start is not None and len(seqs):
+    if start is not None and len(lengths):
         out[:, 0] = start
     if end is not None:
-        out[np.arange(len(seqs)), lengths + first] = end
+        out[np.arange(len(lengths)), lengths + first] = end
     return torch.from_numpy(out)
+
+
+class PairTable:
+    """Tokenized pairs (`src_ids`, `tgt_ids`), fetched by row indices as padded batches straight from the
+    dataset's Arrow columns: one `take` per column, no Python lists.
+
+    Row access through `datasets` (`ds[indices]`) builds a Python list per sentence: 19 ms for a 64k-token
+    batch on the developers' machine, 65 ms on the H100 machine's host, where a training step takes 87 ms
+    (BENCHMARKS.md, "GPU speed"). `scripts/bench_batches.py` times both ways.
+    """
+
+    def __init__(self, ds):
+        table = ds.with_format("arrow")[:]  # no index mapping (`filter_pairs`): a zero-copy slice of the file
+        self.src, self.tgt = table.column("src_ids"), table.column("tgt_ids")
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The pairs at `indices`, as `collate` pads them."""
+        src, src_len = _take(self.src, indices)
+        tgt, tgt_len = _take(self.tgt, indices)
+        return Batch(pad_flat(src, src_len, end=EOS), pad_flat(tgt, tgt_len, start=BOS),
+                     pad_flat(tgt, tgt_len, end=EOS))
+
+
+def _take(column, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows `indices` of a list column, as their concatenated values and their lengths."""
+    rows = column.take(indices).combine_chunks()
+    return rows.flatten().to_numpy().astype(np.int64, copy=False), np.diff(rows.offsets.to_numpy()).astype(np.int64)

@@ -31,6 +31,7 @@ from mt.attention import fast_kernels
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
     Batch,
+    PairTable,
     clean_pairs,
     collate,
     filter_pairs,
@@ -369,7 +370,7 @@ class Trainer:
         if resume:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
         self.nonfinite = _NonFinite(self.device, self.progress.nonfinite_in_a_row)
-        self.rows = self.data.train.with_format(None, columns=["src_ids", "tgt_ids"])
+        self.rows = PairTable(self.data.train)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -464,8 +465,7 @@ class Trainer:
         tc, p = self.tc, self.progress
         batches, tokens = [], 0
         for idx in batch_indices:
-            rows = self.rows[idx]
-            batch = collate(rows["src_ids"], rows["tgt_ids"])
+            batch = self.rows.batch(idx)
             tokens += batch.target_tokens  # counted on the host, before the copy: no wait for the device
             batches.append(batch.to(self.device))
         lr = tc.lr * inverse_sqrt_schedule(p.step + 1, tc.warmup_steps)

@@ -196,3 +196,34 @@ def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
     # Checked at logging intervals (every 2 steps here): the 4th in a row or the one after it stops the run.
     with pytest.raises(MtError, match="[45] non-finite updates in a row"):
         train(config, show_progress=False)
+
+
+def test_training_forward_compiles_as_one_graph_for_every_batch_shape():
+    torch.manual_seed(0)
+    model = Transformer(load_config(TINY).model, 30).eval()  # eval: no dropout, so both passes match
+    # backend "eager": dynamo's tracing without inductor's code generation, which takes a minute on a CPU.
+    # fullgraph: a graph break would fail here rather than silently split the compiled step.
+    net = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    for src, tgt in (([[5, 6, 7], [8, 9]], [[4, 5], [6, 7, 8, 9]]),
+                     ([[5, 6, 7, 8, 9, 10]] * 3, [[4, 5, 6]] * 3), ([[5, 6]] * 5, [[7, 8, 9, 10, 11]] * 5)):
+        batch = collate(src, tgt)
+        torch.testing.assert_close(loss_fn(net, batch, 0.1), loss_fn(model, batch, 0.1))
+    # Dynamic shapes: no recompilation per shape (a batch of one sentence would get a graph of its own).
+    assert counts["stats"]["unique_graphs"] == 1
+
+
+def test_train_compile_trains_the_compiled_model(in_tmp, monkeypatch):
+    calls, compile_ = [], torch.compile
+
+    def eager_compile(model, **options):  # inductor would take a minute here; the wiring is what is tested
+        calls.append(options)
+        return compile_(model, backend="eager", **options)
+
+    monkeypatch.setattr("mt.train.torch.compile", eager_compile)
+    run = train(load_config(TINY, short("compiled", 10) + ["train.compile=true"]), show_progress=False)
+    assert calls == [{"dynamic": True}]
+    losses = [r["train_loss"] for r in metrics(run) if "train_loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -39,7 +39,7 @@ from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
 from mt.model import Transformer
 from mt.tokenizer import PAD
-from mt.train import loss_fn, prepare_data
+from mt.train import compiled, loss_fn, prepare_data
 from mt.translate import Translator, translate_ids
 
 log = logging.getLogger(__name__)
@@ -107,21 +107,24 @@ class ReferenceTransformer(nn.Module):
         return out @ self.embed.weight.t()
 
 
+COMPILED_WARMUP = 20
+
+
 def measure_training(
-    step: Callable[[Batch], None], batches: list[Batch], seconds: float, device: torch.device
+    step: Callable[[Batch], None], batches: list[Batch], seconds: float, device: torch.device, warmup: int = 3
 ) -> tuple[float, int, list[Batch]]:
-    """Runs `step` over `batches` (cycling) for about `seconds` after 3 warm-up steps.
+    """Runs `step` over `batches` (cycling) for about `seconds` after `warmup` steps.
 
     Returns:
         Elapsed seconds, steps taken and the batches measured.
     """
-    for batch in batches[:3]:
+    for batch in batches[:warmup]:
         step(batch)
     _sync(device)
     done: list[Batch] = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = batches[(3 + len(done)) % len(batches)]
+        batch = batches[(warmup + len(done)) % len(batches)]
         step(batch)
         done.append(batch)
     _sync(device)
@@ -189,20 +192,25 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model, vocab).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mt.train does
-    step = _train_step(model, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)
-    elapsed, steps, done = measure_training(step, ours_batches, seconds, device)
+    net = compiled(model) if config.train.compile else model
+    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)
+    # Compiled, the warm-up runs the first COMPILED_WARMUP batches: a few batch sizes cross thresholds that
+    # torch.compile's generated code guards on, and each first crossing compiles again.
+    warmup = COMPILED_WARMUP if config.train.compile else 3
+    elapsed, steps, done = measure_training(step, ours_batches, seconds, device, warmup)
     peak = _peak_memory(device)
     ours_tokens = sum(b.target_tokens for b in done) / elapsed
     flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
     rows += [
         Row("train ours: target tokens/s", ours_tokens, "tok/s", f"{steps} steps, {config.train.batch_tokens} "
-            f"tokens/batch, {'bf16 autocast' if amp else 'fp32'}"),
+            f"tokens/batch, {'bf16 autocast' if amp else 'fp32'}"
+            f"{f', compiled, {warmup} warm-up steps' if config.train.compile else ''}"),
         Row("train ours: real (non-pad) share", 100 * _real_share(done), "%", "source + target"),
         Row("train ours: model FLOP/s", flops / scale, flop_unit),
         Row("train ours: MFU", 100 * flops / roof, "%", "model FLOP/s ÷ roof"),
         Row("train ours: peak memory", peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
     ]
-    del model, optimizer, step
+    del model, net, optimizer, step
     _free(device)
     rows += _reference_rows(config, vocab, ref_batches, per_batch, seconds, device, roof, ours_tokens)
     if not decode:

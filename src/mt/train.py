@@ -175,6 +175,16 @@ def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     return {"src": [normalize_text(t) for t in batch["src"]]}
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` compiled by torch.compile for training (`train.compile`), sharing its parameters.
+
+    Dynamic shapes: length-bucketed batches change their size and lengths at every step, and one graph with
+    symbolic sizes serves them all instead of a compilation per shape. Validation and decoding use the
+    uncompiled model.
+    """
+    return torch.compile(model, dynamic=True)
+
+
 def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens.
 
@@ -357,6 +367,8 @@ class Trainer:
         self.net = (torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.ctx.active else self.model)
+        if tc.compile:
+            self.net = compiled(self.net)
         params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() > 1], "weight_decay": tc.weight_decay},

@@ -7,48 +7,27 @@
 # with decoding; the run's BLEU on the Multi30k test sets; and, while time is left, the training benchmark at
 # two other batch sizes and torch's attention kernels against mt's (scripts/sdpa_backends.py). The last steps
 # get what is left of the budget.
-# Everything it prints is also saved under $OUT for BENCHMARKS.md.
+# GPU_CHECK_SET="KEY=VALUE ..." adds config overrides (e.g. the winners of scripts/gpu_levers.sh) to the
+# training run and the benchmarks. Everything it prints is also saved under $OUT for BENCHMARKS.md.
 set -uo pipefail
 minutes=${1:-5}
 budget=${GPU_CHECK_SECONDS:-570}  # the whole script; the sweep at the end is skipped when time runs short
-out=${OUT:-/tmp/gpu_check}
 config=${GPU_CHECK_CONFIG:-configs/multi30k-gpu.yaml}
 run=runs/$(sed -n 's/^name: *//p' "$config")
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MT_DATA_PATH="$PWD/data"
-
-limit() {  # the smaller of $1 seconds and what is left of the budget
-  local left=$((budget - SECONDS))
-  echo $(($1 < left ? $1 : (left > 1 ? left : 1)))
-}
-
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and says how long it took
-  local name=$1 limit=$2 start=$SECONDS
-  shift 2
-  echo "== $name (limit ${limit} s, ${SECONDS} s into the script)"
-  timeout --kill-after=10 "$limit" "$@"
-  echo "-- $name: exit $?, $((SECONDS - start)) s"
-}
+source scripts/gpu_common.sh
+overrides=()  # GPU_CHECK_SET="KEY=VALUE ...": config overrides for the training run and the benchmarks
+for kv in ${GPU_CHECK_SET:-}; do overrides+=(--set "$kv"); done
 
 {
-  echo "== machine"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  nproc; date -u
-  echo "commit (from gpu_prepare.sh): $(cat .whl/COMMIT 2>/dev/null || echo unknown)"
+  machine
   if [[ ${GPU_CHECK_TESTS:-1} == 1 ]]; then
     step "CUDA tests" 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
       tests/test_layers.py tests/test_search.py
   fi
   step "training (at most $minutes min)" $((${minutes%.*} * 60 + 150)) \
-    python3 -m mt train --config "$config" --overwrite --set train.max_minutes="$minutes"
+    python3 -m mt train --config "$config" --overwrite --set train.max_minutes="$minutes" "${overrides[@]}"
   cp "$run/metrics.jsonl" "$run/train.log" "$out/"
-  step "benchmark" $(limit 200) python3 -m mt bench --config "$config" --run "$run" --seconds 10
+  step "benchmark" $(limit 200) python3 -m mt bench --config "$config" --run "$run" --seconds 10 "${overrides[@]}"
   step "eval" $(limit 120) python3 -m mt eval --run "$run" --beam 5 \
     --test multi30k:test_2016_flickr,multi30k:test_2017_flickr,multi30k:test_2017_mscoco
   for batch in 128000 16000; do
@@ -57,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and sa
       continue
     fi
     step "benchmark at train.batch_tokens=$batch, training only" $((budget - SECONDS)) python3 -m mt bench \
-      --config "$config" --run "$run" --seconds 8 --no-decode --set train.batch_tokens="$batch"
+      --config "$config" --run "$run" --seconds 8 --no-decode "${overrides[@]}" --set train.batch_tokens="$batch"
   done
   if ((budget - SECONDS >= 90)); then
     step "attention kernels" $((budget - SECONDS)) python3 scripts/sdpa_backends.py --config "$config" --run "$run" \

@@ -1,10 +1,11 @@
-"""Times training and decoding under two sets of `scaled_dot_product_attention` kernels, side by side in one
-process: torch's own choice (on Hopper GPUs since torch 2.9, cuDNN first) against mt's
-(`mt.attention.fast_kernels`: every kernel but cuDNN's on CUDA, the math kernel on the CPU).
+"""Times training and decoding under three sets of `scaled_dot_product_attention` kernels, side by side in
+one process: torch's own choice (on Hopper GPUs since torch 2.9, cuDNN first), mt's (`mt.attention.fast_kernels`:
+every kernel but cuDNN's on CUDA, the math kernel on the CPU), and mt's with the memory-efficient kernel tried
+before flash (on CUDA; the same as mt's elsewhere).
 
 cuDNN builds an execution graph for each new shape. Training batches are cut afresh every epoch, so each
-round here draws new batches (the next epoch's seed), as training does; both settings see the same batches in
-the same round, and alternate.
+round here draws new batches (the next epoch's seed), as training does; all settings see the same batches in
+the same round, and alternate. `--no-decode` times training alone.
 
 With `--profile N`, it then runs N training steps (new batches) and one greedy decoding pass under
 torch.profiler for each setting, and prints where the time went: the busiest operators on the host and on the
@@ -13,7 +14,7 @@ Without `--run`, decoding uses the model this script has trained for a few secon
 to its length limit: per-step costs, not real translation speed.
 
 Usage: python scripts/sdpa_backends.py --config configs/multi30k-gpu.yaml [--run runs/multi30k-gpu]
-           [--seconds 8] [--rounds 2] [--profile 4]
+           [--seconds 8] [--rounds 2] [--profile 4] [--no-decode]
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt import corpora
+from mt.attention import fast_kernels
 from mt.bench import (
     Row,
     _batch_lengths,
@@ -48,15 +51,32 @@ from mt.model import Transformer
 from mt.train import loss_fn
 from mt.translate import Translator, translate_ids
 
+
+def efficient_first(device: torch.device) -> contextlib.AbstractContextManager:
+    """mt's kernels with the memory-efficient kernel tried before flash. On the H100 the flash kernel's
+    backward pass took 1.15 ms a call on the decoder's short causal self-attention, the memory-efficient
+    kernel's 0.39 ms on the masked ones (BENCHMARKS.md, "GPU speed"): a candidate, not yet measured."""
+    if device.type != "cuda":
+        return fast_kernels(device)
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+                       set_priority=True)
+
+
 SETTINGS_MT = "mt (fast_kernels)"
-SETTINGS = {"torch's choice": True, SETTINGS_MT: False}  # name: whether torch chooses
+# name: the kernel choice that replaces mt's in training and decoding (None: mt's own)
+SETTINGS = {
+    "torch's choice": lambda device: contextlib.nullcontext(),
+    SETTINGS_MT: None,
+    "memory-efficient first": efficient_first,
+}
 
 
-def torch_chooses() -> contextlib.ExitStack:
-    """Replaces mt's kernel choice with torch's own in training and decoding."""
+def kernels(choice) -> contextlib.ExitStack:
+    """Replaces mt's kernel choice with `choice` in training and decoding (nothing when None)."""
     stack = contextlib.ExitStack()
-    for where in ("mt.train.fast_kernels", "mt.translate.fast_kernels"):
-        stack.enter_context(mock.patch(where, lambda device: contextlib.nullcontext()))
+    if choice is not None:
+        for where in ("mt.train.fast_kernels", "mt.translate.fast_kernels"):
+            stack.enter_context(mock.patch(where, choice))
     return stack
 
 
@@ -86,6 +106,42 @@ def profiled(work, device: torch.device, title: str, rows: int = 12) -> None:
         print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
+def decoder(args, config, device: torch.device, amp, data, trainee: Transformer):
+    """`translate(beam, use_cache=True)` of the test sentences, with the run's model (else `trainee`), and
+    their number."""
+    if args.run is not None:
+        translator = Translator.load(args.run, device=str(device))
+        model, tokenizer, decode, model_amp = (translator.model, translator.tokenizer, translator.config.decode,
+                                               translator.amp)
+    else:
+        model, tokenizer, decode, model_amp = trainee, data.tokenizer, config.decode, amp
+    # The run's decoding settings with the batch size of the benchmark's config (a machine setting).
+    decode = replace(decode, batch_tokens=config.decode.batch_tokens)
+    files = corpora.resolve(_default_test(config), config.data.src_lang, config.data.tgt_lang)
+    sources = tokenizer.encode(read_corpus(files)[0][: args.sentences])
+
+    def translate(beam: int, use_cache: bool = True):
+        return translate_ids(model, sources, replace(decode, beam_size=beam), use_cache=use_cache, amp=model_amp)
+
+    return translate, len(sources)
+
+
+def decoding_rows(translate, sentences: int, device: torch.device) -> list[Row]:
+    """Decoding under each setting, twice, and the decoder that recomputes the prefix."""
+    rows = []
+    for beam in (1, 5):
+        # Two passes each: in the first, every shape is new (as in a fresh `mt translate`); in the second,
+        # cuDNN has its graphs. Then the decoder that recomputes the prefix, with mt's kernels.
+        for n in (1, 2):
+            for name, choice in SETTINGS.items():
+                with kernels(choice):
+                    seconds = timed(partial(translate, beam), device)
+                rows.append(Row(f"beam {beam}, pass {n}, {name}: {sentences} sentences", seconds, "s"))
+        seconds = timed(partial(translate, beam, use_cache=False), device)
+        rows.append(Row(f"beam {beam}, recompute prefix, {SETTINGS_MT}: {sentences} sentences", seconds, "s"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -94,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=1000, help="test sentences to decode")
     parser.add_argument("--profile", type=int, default=0, help="training steps to profile per setting")
+    parser.add_argument("--no-decode", dest="decode", action="store_false", help="time training only")
     args = parser.parse_args()
     config = load_config(args.config, [])
     device = resolve_device(config)
@@ -110,37 +167,16 @@ def main() -> None:
     for r in range(args.rounds):
         index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + r)
         batches = [table.batch(idx) for idx in index_batches[:400]]
-        for name, torch_choice in SETTINGS.items():
-            with torch_chooses() if torch_choice else contextlib.nullcontext():
+        for name, choice in SETTINGS.items():
+            with kernels(choice):
                 elapsed, steps, done = measure_training(step, batches, args.seconds, device)
             flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done)
             rows.append(Row(f"round {r + 1}, {name}: train target tokens/s",
                             sum(b.target_tokens for b in done) / elapsed, "tok/s",
                             f"{steps} steps, MFU {100 * flops / elapsed / roof:.1f} %"))
-    if args.run is not None:
-        translator = Translator.load(args.run, device=str(device))
-        model, tokenizer, decode, model_amp = (translator.model, translator.tokenizer, translator.config.decode,
-                                               translator.amp)
-    else:
-        model, tokenizer, decode, model_amp = trainee, data.tokenizer, config.decode, amp
-    # The run's decoding settings with the batch size of the benchmark's config (a machine setting).
-    decode = replace(decode, batch_tokens=config.decode.batch_tokens)
-    files = corpora.resolve(_default_test(config), config.data.src_lang, config.data.tgt_lang)
-    sources = tokenizer.encode(read_corpus(files)[0][: args.sentences])
-
-    def translate(beam: int, use_cache: bool = True):
-        return translate_ids(model, sources, replace(decode, beam_size=beam), use_cache=use_cache, amp=model_amp)
-
-    for beam in (1, 5):
-        # Two passes each: in the first, every shape is new (as in a fresh `mt translate`); in the second,
-        # cuDNN has its graphs. Then the decoder that recomputes the prefix, with mt's kernels.
-        for n in (1, 2):
-            for name, torch_choice in SETTINGS.items():
-                with torch_chooses() if torch_choice else contextlib.nullcontext():
-                    seconds = timed(partial(translate, beam), device)
-                rows.append(Row(f"beam {beam}, pass {n}, {name}: {len(sources)} sentences", seconds, "s"))
-        seconds = timed(partial(translate, beam, use_cache=False), device)
-        rows.append(Row(f"beam {beam}, recompute prefix, {SETTINGS_MT}: {len(sources)} sentences", seconds, "s"))
+    if args.decode:
+        translate, sentences = decoder(args, config, device, amp, data, trainee)
+        rows += decoding_rows(translate, sentences, device)
     print(format_table(rows))
     if args.profile:
         # The host's share of a step in `mt train`: fetching a batch's rows, padded (scripts/bench_batches.py).
@@ -148,14 +184,15 @@ def main() -> None:
         batches = [table.batch(idx) for idx in
                    make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed + 99)]
         print(f"\nfetched one epoch, {len(batches)} padded batches, in {time.perf_counter() - start:.3f} s")
-        for name, torch_choice in SETTINGS.items():
-            with torch_chooses() if torch_choice else contextlib.nullcontext():
+        for name, choice in SETTINGS.items():
+            with kernels(choice):
                 chunk = batches[: args.profile]
                 batches = batches[args.profile :]
                 trainee.train()  # decoding left it in eval mode
                 profiled(lambda chunk=chunk: [step(b) for b in chunk], device,
                          f"{len(chunk)} training steps, new shapes, {name}")
-                profiled(partial(translate, 1), device, f"greedy decoding of {len(sources)} sentences, {name}")
+                if args.decode:
+                    profiled(partial(translate, 1), device, f"greedy decoding of {sentences} sentences, {name}")
         print(format_table(rows))  # again, after the profiles
 
 

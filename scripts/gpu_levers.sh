@@ -8,7 +8,7 @@
 # GPU_CHECK_SET="train.compile=true". Steps come in order of value; the last get what is left of the budget.
 set -uo pipefail
 budget=${GPU_CHECK_SECONDS:-420}
-config=configs/multi30k-gpu.yaml
+config=${GPU_CHECK_CONFIG:-configs/multi30k-gpu.yaml}
 source scripts/gpu_common.sh
 
 bench() {  # bench "KEY=VALUE ...": the training benchmark with those overrides

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="epochs timed per way; the fastest counts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     config = load_config(args.config, args.set)
     data = training_data(config, None)
     n = len(data.train)

@@ -8,15 +8,16 @@
 # two other batch sizes and torch's attention kernels against mt's (scripts/sdpa_backends.py). The last steps
 # get what is left of the budget.
 # GPU_CHECK_SET="KEY=VALUE ..." adds config overrides (e.g. the winners of scripts/gpu_levers.sh) to the
-# training run and the benchmarks. Everything it prints is also saved under $OUT for BENCHMARKS.md.
+# training run and `mt bench` (not `name`: the run folder comes from the config file). Everything it prints is also saved under $OUT for BENCHMARKS.md.
 set -uo pipefail
 minutes=${1:-5}
 budget=${GPU_CHECK_SECONDS:-570}  # the whole script; the sweep at the end is skipped when time runs short
 config=${GPU_CHECK_CONFIG:-configs/multi30k-gpu.yaml}
 run=runs/$(sed -n 's/^name: *//p' "$config")
 source scripts/gpu_common.sh
-overrides=()  # GPU_CHECK_SET="KEY=VALUE ...": config overrides for the training run and the benchmarks
-for kv in ${GPU_CHECK_SET:-}; do overrides+=(--set "$kv"); done
+overrides=()  # GPU_CHECK_SET="KEY=VALUE ...": config overrides for the training run and mt bench
+read -ra sets <<< "${GPU_CHECK_SET:-}"
+for kv in "${sets[@]}"; do overrides+=(--set "$kv"); done
 
 {
   machine

@@ -12,8 +12,9 @@ config=${GPU_CHECK_CONFIG:-configs/multi30k-gpu.yaml}
 source scripts/gpu_common.sh
 
 bench() {  # bench "KEY=VALUE ...": the training benchmark with those overrides
-  local overrides=() kv
-  for kv in $1; do overrides+=(--set "$kv"); done
+  local overrides=() sets kv
+  read -ra sets <<< "$1"
+  for kv in "${sets[@]}"; do overrides+=(--set "$kv"); done
   step "training benchmark, ${1:-eager, 64k-token batches}" "$(limit 200)" \
     python3 -m mt bench --config "$config" --seconds 8 --no-decode "${overrides[@]}"
 }

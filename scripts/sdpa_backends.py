@@ -100,7 +100,8 @@ def profiled(work, device: torch.device, title: str, rows: int = 12) -> None:
         seconds = timed(work, device)
     events = prof.key_averages()
     busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6  # kernels
-    print(f"\n### {title}: {seconds:.3f} s wall, device busy {busy:.3f} s ({100 * busy / seconds:.0f} %)")
+    share = f", device busy {busy:.3f} s ({100 * busy / seconds:.0f} %)" if device.type == "cuda" else ""
+    print(f"\n### {title}: {seconds:.3f} s wall{share}")
     keys = ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ())
     for key in keys:
         print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))

@@ -4,6 +4,7 @@ import gzip
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from conftest import write_pair
 from mt import corpora
 from mt.corpora import CorpusFiles
 from mt.data import (
+    ListColumn,
     PairTable,
     _cut,
     collate,
@@ -90,12 +92,32 @@ def test_pair_table_batches_equal_collated_rows_after_filtering(tmp_path, toy_to
     files = CorpusFiles("toy", *write_pair(tmp_path, "toy", src, tgt))
     ds, report = filter_pairs(tokenize(load_corpus(files), toy_tokenizer), max_tokens=40, max_ratio=3.0)
     assert report.kept < report.total  # the kept pairs are a selection, not the whole table
+    assert ds._indices is None  # written out, not an index mapping that every batch would go through
     table = PairTable(ds)
     assert len(table) == len(ds) == report.kept
     for idx in (np.arange(len(ds)), rng.permutation(len(ds))[:17], np.array([len(ds) - 1])):
         batch, expected = table.batch(idx), collate(ds[idx]["src_ids"], ds[idx]["tgt_ids"])
         for field in ("src", "tgt_in", "tgt_out", "real"):
             assert torch.equal(getattr(batch, field), getattr(expected, field)), field
+
+
+@pytest.mark.parametrize("value_type", [pa.int32(), pa.int64()])
+def test_list_column_reads_rows_across_sliced_chunks(value_type):
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(4, 99, rng.integers(0, 7)).tolist() for _ in range(90)]
+    arrays = [pa.array(rows[a:b], type=pa.list_(value_type)) for a, b in ((0, 40), (40, 41), (41, 90))]
+    # Sliced chunks, as a zero-copy slice of a table leaves them: their offsets do not start at zero.
+    column = pa.chunked_array([arrays[0].slice(5), arrays[1], arrays[2].slice(0, 30)])
+    expected_rows = rows[5:40] + rows[40:41] + rows[41:71]
+    for part in (pa.chunked_array([arrays[0]]), column):  # one chunk, and several
+        ground = part.to_pylist()
+        col = ListColumn(part)
+        assert len(col) == len(ground)
+        for idx in (rng.permutation(len(ground)), np.array([len(ground) - 1, 0, 0]), np.array([], dtype=np.int64)):
+            flat, lengths = col.take(idx)
+            assert flat.dtype == np.int64 and lengths.tolist() == [len(ground[i]) for i in idx]
+            assert flat.tolist() == [t for i in idx for t in ground[i]]
+    assert column.to_pylist() == expected_rows
 
 
 def test_batches_cover_every_pair_once_within_budget():

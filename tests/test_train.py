@@ -216,14 +216,25 @@ def test_training_forward_compiles_as_one_graph_for_every_batch_shape():
 
 
 def test_train_compile_trains_the_compiled_model(in_tmp, monkeypatch):
-    calls, compile_ = [], torch.compile
+    made, compile_ = [], torch.compile
+
+    class Counted(torch.nn.Module):  # counts the forward passes that go through the compiled model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.passes = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.passes += 1
+            return self.inner(*args, **kwargs)
 
     def eager_compile(model, **options):  # inductor would take a minute here; the wiring is what is tested
-        calls.append(options)
-        return compile_(model, backend="eager", **options)
+        made.append((options, Counted(compile_(model, backend="eager", **options))))
+        return made[-1][1]
 
     monkeypatch.setattr("mt.train.torch.compile", eager_compile)
     run = train(load_config(TINY, short("compiled", 10) + ["train.compile=true"]), show_progress=False)
-    assert calls == [{"dynamic": True}]
+    [(options, net)] = made
+    assert options == {"dynamic": True}
+    assert net.passes == 10  # every training step went through it, one batch each; validation runs uncompiled
     losses = [r["train_loss"] for r in metrics(run) if "train_loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -387,29 +387,55 @@ def pad_flat(flat: np.ndarray, lengths: np.ndarray, start: int | None = None, en
 
 class PairTable:
     """Tokenized pairs (`src_ids`, `tgt_ids`), fetched by row indices as padded batches straight from the
-    dataset's Arrow columns: one `take` per column, no Python lists.
+    dataset's Arrow columns, without Python lists.
 
-    Row access through `datasets` (`ds[indices]`) builds a Python list per sentence: 19 ms for a 64k-token
-    batch on the developers' machine, 65 ms on the H100 machine's host, where a training step takes 87 ms
-    (BENCHMARKS.md, "GPU speed"). `scripts/bench_batches.py` times both ways.
+    Row access through `datasets` (`ds[indices]`) builds a Python list per sentence, then `collate` pads them:
+    65 ms for a 64k-token batch on the H100 machine's host, where a training step takes 87 ms (BENCHMARKS.md,
+    "GPU speed"). `scripts/bench_batches.py` times both ways.
     """
 
     def __init__(self, ds):
-        table = ds.with_format("arrow")[:]  # no index mapping (`filter_pairs`): a zero-copy slice of the file
-        self.src, self.tgt = table.column("src_ids"), table.column("tgt_ids")
+        # Without an index mapping (`filter_pairs` writes the kept pairs out) a zero-copy slice of the file.
+        table = ds.select_columns(["src_ids", "tgt_ids"]).with_format("arrow")[:]
+        self.src, self.tgt = ListColumn(table.column("src_ids")), ListColumn(table.column("tgt_ids"))
 
     def __len__(self) -> int:
         return len(self.src)
 
     def batch(self, indices: np.ndarray) -> Batch:
         """The pairs at `indices`, as `collate` pads them."""
-        src, src_len = _take(self.src, indices)
-        tgt, tgt_len = _take(self.tgt, indices)
+        src, src_len = self.src.take(indices)
+        tgt, tgt_len = self.tgt.take(indices)
         return Batch(pad_flat(src, src_len, end=EOS), pad_flat(tgt, tgt_len, start=BOS),
                      pad_flat(tgt, tgt_len, end=EOS))
 
 
-def _take(column, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows `indices` of a list column, as their concatenated values and their lengths."""
-    rows = column.take(indices).combine_chunks()
-    return rows.flatten().to_numpy().astype(np.int64, copy=False), np.diff(rows.offsets.to_numpy()).astype(np.int64)
+class ListColumn:
+    """An Arrow list-of-integers column, read by row: NumPy views of its chunks' values (zero-copy, so a
+    memory-mapped file stays on disk), and each row's chunk, start and length.
+
+    Arrow's own `take` on a column of many chunks (`datasets` writes one per 1,000 rows) first joins them all:
+    a copy of the whole column for every batch. Here a batch costs its own rows only.
+    """
+
+    def __init__(self, column):
+        self.values = [chunk.values.to_numpy() for chunk in column.chunks]  # offsets index the unsliced values
+        offsets = [chunk.offsets.to_numpy() for chunk in column.chunks]
+        self.chunk = np.repeat(np.arange(len(offsets), dtype=np.int32), [len(o) - 1 for o in offsets])
+        self.start = np.concatenate([o[:-1] for o in offsets] or [[]]).astype(np.int64)
+        self.length = np.concatenate([np.diff(o) for o in offsets] or [[]]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.chunk)
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows `indices`, as their concatenated values (int64) and their lengths."""
+        chunk, start, length = self.chunk[indices], self.start[indices], self.length[indices]
+        if len(self.values) == 1:  # one array: a single gather
+            within = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
+            flat = self.values[0][np.repeat(start, length) + within]
+        else:
+            flat = np.concatenate([self.values[c][s : s + n] for c, s, n in
+                                   zip(chunk.tolist(), start.tolist(), length.tolist(), strict=True)]
+                                  or [np.zeros(0, dtype=np.int64)])
+        return flat.astype(np.int64, copy=False), length

@@ -421,16 +421,20 @@ class ListColumn:
     def __init__(self, column):
         self.values = [chunk.values.to_numpy() for chunk in column.chunks]  # offsets index the unsliced values
         offsets = [chunk.offsets.to_numpy() for chunk in column.chunks]
+        # 12 bytes a row where positions within a chunk fit in 32 bits (Arrow's `list` offsets always do):
+        # 120 MB for both sides of 5M pairs.
+        position = np.int32 if all(o[-1] < 2**31 for o in offsets if len(o)) else np.int64
         self.chunk = np.repeat(np.arange(len(offsets), dtype=np.int32), [len(o) - 1 for o in offsets])
-        self.start = np.concatenate([o[:-1] for o in offsets] or [[]]).astype(np.int64)
-        self.length = np.concatenate([np.diff(o) for o in offsets] or [[]]).astype(np.int64)
+        self.start = np.concatenate([o[:-1] for o in offsets] or [[]]).astype(position)
+        self.length = np.concatenate([np.diff(o) for o in offsets] or [[]]).astype(position)
 
     def __len__(self) -> int:
         return len(self.chunk)
 
     def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows `indices`, as their concatenated values (int64) and their lengths."""
-        chunk, start, length = self.chunk[indices], self.start[indices], self.length[indices]
+        chunk, start, length = self.chunk[indices], self.start[indices].astype(np.int64), self.length[indices]
+        length = length.astype(np.int64)
         if len(self.values) == 1:  # one array: a single gather
             within = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
             flat = self.values[0][np.repeat(start, length) + within]

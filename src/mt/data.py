@@ -433,8 +433,8 @@ class ListColumn:
 
     def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows `indices`, as their concatenated values (int64) and their lengths."""
-        chunk, start, length = self.chunk[indices], self.start[indices].astype(np.int64), self.length[indices]
-        length = length.astype(np.int64)
+        chunk = self.chunk[indices]
+        start, length = self.start[indices].astype(np.int64), self.length[indices].astype(np.int64)
         if len(self.values) == 1:  # one array: a single gather
             within = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
             flat = self.values[0][np.repeat(start, length) + within]

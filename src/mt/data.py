@@ -375,14 +375,17 @@ def pad_flat(flat: np.ndarray, lengths: np.ndarray, start: int | None = None, en
     first = int(start is not None)
     width = lengths.max() + first + int(end is not None) if len(lengths) else 0
     out = np.full((len(lengths), width), PAD, dtype=np.int64)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + first
-    out[rows, cols] = flat
+    out[np.repeat(np.arange(len(lengths)), lengths), _within(lengths) + first] = flat
     if start is not None and len(lengths):
         out[:, 0] = start
     if end is not None:
         out[np.arange(len(lengths)), lengths + first] = end
     return torch.from_numpy(out)
+
+
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """For sequences of `lengths` laid end to end, each token's position within its own sequence."""
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 class PairTable:
@@ -436,8 +439,7 @@ class ListColumn:
         chunk = self.chunk[indices]
         start, length = self.start[indices].astype(np.int64), self.length[indices].astype(np.int64)
         if len(self.values) == 1:  # one array: a single gather
-            within = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
-            flat = self.values[0][np.repeat(start, length) + within]
+            flat = self.values[0][np.repeat(start, length) + _within(length)]
         else:
             flat = np.concatenate([self.values[c][s : s + n] for c, s, n in
                                    zip(chunk.tolist(), start.tolist(), length.tolist(), strict=True)]

@@ -316,24 +316,33 @@ class Batch:
 BUCKET_WIDTHS = (1, 2, 3, 4, 6)  # target-length bucket widths that make_batches tries
 
 
-def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> list[np.ndarray]:
+def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int,
+                 width: int | None = None) -> list[np.ndarray]:
     """Groups pair indices into batches of about `batch_tokens` padded tokens, in a seeded random order.
 
     Pairs are sorted by target length rounded down to a multiple of a bucket width, then by source length (ties
     broken at random), and cut into batches whose `size × (longest source + longest target + 2)` (EOS and BOS
     included) fits the budget; the batches are shuffled. The width, from 1 to 6 tokens, is the one that leaves
-    the least padding: a wider target bucket holds more pairs, so the sources of a batch can be closer in length.
-    Large batches on a small corpus gain most (`mt bench` prints the share of real tokens).
+    the least padding (`bucket_width`) unless given: a wider target bucket holds more pairs, so the sources of a
+    batch can be closer in length. Large batches on a small corpus gain most (`mt bench` prints the share of
+    real tokens).
     """
+    if width is None:
+        width = bucket_width(src_len, tgt_len, batch_tokens, seed)
     rng = np.random.default_rng(seed)
-    noise = rng.permutation(len(src_len))
-    best, least = [], None
-    for width in BUCKET_WIDTHS:
-        batches, padded = _cut(np.lexsort((noise, src_len, tgt_len // width)), src_len, tgt_len, batch_tokens)
-        if least is None or padded < least:
-            best, least = batches, padded
-    rng.shuffle(best)
-    return best
+    noise = rng.permutation(len(src_len))  # as in bucket_width: same seed, same order
+    batches, _ = _cut(np.lexsort((noise, src_len, tgt_len // width)), src_len, tgt_len, batch_tokens)
+    rng.shuffle(batches)
+    return batches
+
+
+def bucket_width(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> int:
+    """The bucket width of `BUCKET_WIDTHS` that leaves `make_batches` the least padding with this seed: a
+    training run chooses it once, rather than trying every width each epoch."""
+    noise = np.random.default_rng(seed).permutation(len(src_len))
+    padded = [_cut(np.lexsort((noise, src_len, tgt_len // w)), src_len, tgt_len, batch_tokens)[1]
+              for w in BUCKET_WIDTHS]
+    return BUCKET_WIDTHS[int(np.argmin(padded))]
 
 
 def _cut(order: np.ndarray, src_len: np.ndarray, tgt_len: np.ndarray,

@@ -326,3 +326,12 @@ def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch,
     assert "train ours: MFU" in result.stdout
     assert re.search(r"out of cpu memory with random batches of \d+ sentences: not compared", result.stdout)
     assert "ours ÷ nn.Transformer" not in result.stdout
+
+
+def test_bench_trains_the_bf16_copy_with_bf16_weights(trained, monkeypatch, data_path):
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode",
+                 "--set", "train.precision=bf16-weights")
+    assert result.exit_code == 0, result.output
+    assert "bf16 weights, fp32 master weights" in result.stdout and "train ours: MFU" in result.stdout

@@ -11,6 +11,7 @@ from conftest import ROOT
 from mt import checkpoint
 from mt.config import load_config
 from mt.data import collate
+from mt.devices import MasterWeights
 from mt.model import Transformer
 from mt.train import inverse_sqrt_schedule, loss_fn, train
 
@@ -238,3 +239,45 @@ def test_train_compile_trains_the_compiled_model(in_tmp, monkeypatch):
     assert net.passes == 10  # every training step went through it, one batch each; validation runs uncompiled
     losses = [r["train_loss"] for r in metrics(run) if "train_loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_master_weights_train_a_bf16_copy_and_update_the_fp32_model():
+    torch.manual_seed(0)
+    model = Transformer(load_config(TINY, ["model.dropout=0.0"]).model, 30)
+    master = MasterWeights(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    batch = collate([[5, 6, 7], [8, 9, 10, 11]], [[4, 5], [6, 7, 8]])
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # the second step starts from the copied-back weights and the re-attached gradients
+        loss, _ = loss_fn(master.work, batch, 0.1)
+        assert master.work(batch.src, batch.tgt_in).dtype == torch.bfloat16  # no autocast: bf16 throughout
+        loss.backward()
+        expected = [w.grad.float() for w in master.work.parameters()]
+        master.grads_to_master()
+        assert all(w.grad is None for w in master.work.parameters())
+        for p, grad in zip(model.parameters(), expected, strict=True):
+            assert p.dtype == torch.float32 and torch.equal(p.grad, grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        master.weights_to_work()
+        for p, w in zip(model.parameters(), master.work.parameters(), strict=True):
+            assert w.dtype == torch.bfloat16 and torch.equal(w, p.detach().to(torch.bfloat16))
+    # Updates smaller than bf16's spacing still move the fp32 master weights.
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True) if p.dim() > 1)
+
+
+def test_bf16_weights_train_like_autocast_and_resume_exactly(in_tmp):
+    weights = ["train.precision=bf16-weights"]
+    straight = train(load_config(TINY, short("straight", 20) + weights), show_progress=False)
+    train(load_config(TINY, short("split", 10) + weights), show_progress=False)
+    split = train(load_config(TINY, short("split", 20) + weights), resume=True, show_progress=False)
+    autocast = train(load_config(TINY, short("autocast", 20) + ["train.precision=bf16"]), show_progress=False)
+    losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (straight, split, autocast)]
+    # Resuming copies the loaded master weights into the bf16 copy: the split run is the straight run.
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    states = [checkpoint.load(run / "last.pt")["model"] for run in (straight, split)]
+    assert all(x.dtype == torch.float32 and torch.equal(x, states[1][k]) for k, x in states[0].items()
+               if x.is_floating_point())
+    # The same run under autocast: only rounding differs.
+    assert losses[0][-1] == pytest.approx(losses[2][-1], rel=0.05)
+    assert losses[0][-1] < losses[0][0]

@@ -34,7 +34,7 @@ from torch import nn
 from mt import checkpoint, corpora
 from mt.config import Config, ModelConfig
 from mt.data import Batch, PairTable, make_batches, read_corpus
-from mt.devices import autocast, autocast_dtype, resolve_device
+from mt.devices import MasterWeights, autocast, autocast_dtype, resolve_device, training_precision
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
 from mt.model import Transformer
@@ -132,15 +132,22 @@ def measure_training(
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss, amp: torch.dtype | None,
-                device: torch.device) -> Callable[[Batch], None]:
+                device: torch.device, master: MasterWeights | None = None) -> Callable[[Batch], None]:
+    """One update of `model` on a batch, as `mt.train` makes it; with `master`, `model` is its bf16 copy."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
     def step(batch: Batch) -> None:
         batch = batch.to(device)
-        with autocast(device, amp):
+        with autocast(device, None if master else amp):
             loss = compute_loss(model, batch)
         (loss / batch.target_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if master:
+            master.grads_to_master()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if master:
+            master.weights_to_work()
 
     return step
 
@@ -192,8 +199,10 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model, vocab).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mt.train does
-    net = compiled(model) if config.train.compile else model
-    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device)
+    master = MasterWeights(model) if config.train.precision == "bf16-weights" else None
+    trained = master.work if master else model
+    net = compiled(trained) if config.train.compile else trained
+    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device, master)
     # Compiled, the warm-up runs the first COMPILED_WARMUP batches: a few batch sizes cross thresholds that
     # torch.compile's generated code guards on, and each first crossing compiles again.
     warmup = COMPILED_WARMUP if config.train.compile else 3
@@ -203,14 +212,14 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
     rows += [
         Row("train ours: target tokens/s", ours_tokens, "tok/s", f"{steps} steps, {config.train.batch_tokens} "
-            f"tokens/batch, {'bf16 autocast' if amp else 'fp32'}"
+            f"tokens/batch, {training_precision(config, amp)}"
             f"{f', compiled, {warmup} warm-up steps' if config.train.compile else ''}"),
         Row("train ours: real (non-pad) share", 100 * _real_share(done), "%", "source + target"),
         Row("train ours: model FLOP/s", flops / scale, flop_unit),
         Row("train ours: MFU", 100 * flops / roof, "%", "model FLOP/s ÷ roof"),
         Row("train ours: peak memory", peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
     ]
-    del model, net, optimizer, step
+    del model, master, trained, net, optimizer, step
     _free(device)
     rows += _reference_rows(config, vocab, ref_batches, per_batch, seconds, device, roof, ours_tokens)
     if not decode:

@@ -91,8 +91,9 @@ class TrainConfig:
     log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
     seed: int = option(1, "seed of model initialisation and batch order")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
-    precision: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding)")
+    precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(
+        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding); "
+        "bf16-weights = train a bf16 copy of the model, fp32 master weights in the optimizer")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
                                       "'mt[tensorboard]')")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)

@@ -4,14 +4,18 @@ bf16 autocast is used on CUDA and on CPUs that multiply bf16 natively (AVX512-BF
 2-core AMD EPYC with AVX512-BF16, a training step is about 1.45x faster and beam search 1.49x faster with the
 same BLEU (scripts/decode_precision.py: 52.30 vs 52.31 on test_2016_flickr; see BENCHMARKS.md). Weights stay
 fp32; autocast computes matrix products in bf16.
+
+`train.precision: bf16-weights` trains a bf16 copy of the model instead (`MasterWeights`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mt.config import Config
 from mt.errors import ConfigError
@@ -41,7 +45,14 @@ def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
     precision = config.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if precision in ("bf16", "bf16-weights") else None
+
+
+def training_precision(config: Config, amp: torch.dtype | None) -> str:
+    """How training computes, in words, for the log and `mt bench`."""
+    if config.train.precision == "bf16-weights":
+        return "bf16 weights, fp32 master weights"
+    return "bf16 autocast" if amp else "fp32"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -49,3 +60,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+class MasterWeights:
+    """Training on a bf16 copy of the model, with the fp32 model as the optimizer's master weights
+    (`train.precision: bf16-weights`; fairseq's `--bf16`, Micikevicius et al., 2018).
+
+    Under autocast the weights stay fp32, and every step converts them, the activations entering each matrix
+    product and their gradients between fp32 and bf16: in a training step of the GPU config, 951 of the
+    2,108 operators torch dispatches are such conversions (on the CPU), each a kernel launch on a GPU. Here the
+    forward and backward passes run on `work`, whose weights and activations are bf16 (layer norm and softmax
+    compute in fp32 inside their kernels); the optimizer updates the fp32 `model`, which checkpoints,
+    validation and decoding use as before. A step costs two multi-tensor copies: the gradients to the
+    master (`grads_to_master`), and the updated weights back (`weights_to_work`). Gradients accumulated over
+    several batches (`train.accumulate`) add up in bf16.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.work = copy.deepcopy(model).to(torch.bfloat16)
+        self._master = list(model.parameters())
+        self._work = list(self.work.parameters())
+        self._grads = [torch.zeros_like(p) for p in self._master]
+
+    def grads_to_master(self) -> None:
+        """Sets the master weights' gradients (fp32) to the working copy's, and clears the latter."""
+        torch._foreach_copy_(self._grads, [w.grad if w.grad is not None else torch.zeros_like(w) for w in self._work])
+        for master, grad, work in zip(self._master, self._grads, self._work, strict=True):
+            master.grad, work.grad = grad, None
+
+    @torch.no_grad()
+    def weights_to_work(self) -> None:
+        """Copies the master weights into the working copy: after each update, and after loading a checkpoint."""
+        torch._foreach_copy_(self._work, self._master)

@@ -42,7 +42,7 @@ from mt.data import (
     normalize_text,
     tokenize,
 )
-from mt.devices import autocast, autocast_dtype, resolve_device
+from mt.devices import MasterWeights, autocast, autocast_dtype, resolve_device, training_precision
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
@@ -358,16 +358,19 @@ class Trainer:
             save_config(config, run_dir / checkpoint.CONFIG)
         self.data = _main_first(self.ctx, lambda: prepare_data(config, run_dir))
         self.model = Transformer(config.model, self.data.tokenizer.vocab_size).to(self.device)
+        # With bf16 weights, training runs on a bf16 copy; `self.model` holds the fp32 master weights.
+        self.master = MasterWeights(self.model) if tc.precision == "bf16-weights" else None
+        trained = self.master.work if self.master else self.model
         log.info("model: %s parameters, device %s, %s", f"{self.model.num_parameters():,}", self.device,
-                 "bf16 autocast" if self.amp else "fp32")
+                 training_precision(config, self.amp))
         self.per_step = tc.accumulate * self.ctx.world  # batches per update, over all ranks
         if self.ctx.active:
             log.info("distributed: %d ranks × %d accumulated batches of %d tokens per update", self.ctx.world,
                      tc.accumulate, tc.batch_tokens)
         # The model as training calls it: wrapped by DDP when there are several ranks.
         self.net = (torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.ctx.active else self.model)
+            trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.ctx.active else trained)
         if tc.compile:
             self.net = compiled(self.net)
         params = list(self.model.parameters())
@@ -389,6 +392,8 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.master:
+            self.master.weights_to_work()
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -496,13 +501,15 @@ class Trainer:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 sync = self.net.no_sync() if self.ctx.active and not last else contextlib.nullcontext()
-                with sync, autocast(self.device, self.amp):
+                with sync, autocast(self.device, None if self.master else self.amp):
                     loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
                 (loss * scale).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError:
             raise MtError(f"CUDA out of memory at step {p.step + 1} with train.batch_tokens={tc.batch_tokens}; "
                           "lower train.batch_tokens (and raise train.accumulate to keep the batch size)") from None
+        if self.master:
+            self.master.grads_to_master()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm or float("inf"))
         # A non-finite gradient skips the update on the device: fused AdamW reads `found_inf` (the mechanism
         # torch's GradScaler uses), so the host never waits for the norm. `check_nonfinite` reads the count
@@ -512,6 +519,8 @@ class Trainer:
         self.optimizer.step()
         self.nonfinite.add(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.weights_to_work()
         p.step += 1
         return total, tokens, lr
 

@@ -7,6 +7,7 @@ from torch import nn
 from mt.attention import MultiHeadAttention
 from mt.config import ModelConfig
 from mt.data import collate
+from mt.devices import MasterWeights
 from mt.masks import padding_mask
 from mt.model import Transformer
 from mt.search import CachedStepper, RecomputeStepper, beam_search, greedy_search
@@ -68,6 +69,37 @@ def test_training_step_never_waits_for_the_gpu():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bf16_weights_training_step_on_cuda_learns_and_never_waits_for_the_gpu():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, heads=4, encoder_layers=2, decoder_layers=2, d_ff=128), 100).to(CUDA)
+    master = MasterWeights(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]).to(CUDA)
+
+    def step():  # as mt.train.Trainer.step with train.precision: bf16-weights
+        loss, _ = loss_fn(master.work, batch, 0.0)
+        (loss / batch.target_tokens).backward()
+        master.grads_to_master()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.found_inf = (~torch.isfinite(norm)).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        master.weights_to_work()
+        return loss.detach()
+
+    losses = [step()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any operation that waits for the device raises
+    try:
+        losses += [step() for _ in range(19)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    losses = torch.stack(losses).tolist()
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] / 2
+    for p, w in zip(model.parameters(), master.work.parameters(), strict=True):
+        assert p.dtype == torch.float32 and w.dtype == torch.bfloat16 and torch.equal(w, p.detach().bfloat16())
 
 
 def test_cached_decoding_equals_recomputation_on_cuda():

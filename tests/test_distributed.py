@@ -37,13 +37,15 @@ def losses(run_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["auto", "bf16-weights"])
+def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, monkeypatch, precision):
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2")
+    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2",
+                      f"train.precision={precision}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
-    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1")
+    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1", f"train.precision={precision}")
     assert losses(single) == pytest.approx(losses(double), rel=1e-4)
     a, b = (checkpoint.load(run / "last.pt") for run in (single, double))
     assert a["progress"]["step"] == b["progress"]["step"] == 8

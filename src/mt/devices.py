@@ -67,13 +67,14 @@ class MasterWeights:
     (`train.precision: bf16-weights`; fairseq's `--bf16`, Micikevicius et al., 2018).
 
     Under autocast the weights stay fp32, and every step converts them, the activations entering each matrix
-    product and their gradients between fp32 and bf16: in a training step of the GPU config, 951 of the
-    2,108 operators torch dispatches are such conversions (on the CPU), each a kernel launch on a GPU. Here the
-    forward and backward passes run on `work`, whose weights and activations are bf16 (layer norm and softmax
-    compute in fp32 inside their kernels); the optimizer updates the fp32 `model`, which checkpoints,
-    validation and decoding use as before. A step costs two multi-tensor copies: the gradients to the
-    master (`grads_to_master`), and the updated weights back (`weights_to_work`). Gradients accumulated over
-    several batches (`train.accumulate`) add up in bf16.
+    product and their gradients between fp32 and bf16: counted on the CPU, a training step of the GPU config
+    dispatches 3,400 operators, 564 of them conversions, each a kernel launch on a GPU; with bf16 weights,
+    3,034 and 196 (scripts/bench_precision.py, BENCHMARKS.md). Here the forward and backward passes run on
+    `work`, whose weights and activations are bf16 (layer norm and softmax compute in fp32 inside their
+    kernels); the optimizer updates the fp32 `model`, which checkpoints, validation and decoding use as before.
+    A step costs two multi-tensor copies: the gradients to the master (`grads_to_master`), and the updated
+    weights back (`weights_to_work`). Gradients accumulated over several batches (`train.accumulate`) add up
+    in bf16.
     """
 
     def __init__(self, model: nn.Module):

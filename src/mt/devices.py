@@ -41,7 +41,8 @@ def cpu_has_bf16() -> bool:
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32. With `bf16-weights`, validation and decoding use bf16
+    autocast on the fp32 weights, while training runs on the bf16 copy without autocast (`MasterWeights`)."""
     precision = config.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
@@ -73,22 +74,23 @@ class MasterWeights:
     `work`, whose weights and activations are bf16 (layer norm and softmax compute in fp32 inside their
     kernels); the optimizer updates the fp32 `model`, which checkpoints, validation and decoding use as before.
     A step costs two multi-tensor copies: the gradients to the master (`grads_to_master`), and the updated
-    weights back (`weights_to_work`). Gradients accumulated over several batches (`train.accumulate`) add up
-    in bf16.
+    weights back (`weights_to_work`). Gradients are summed in bf16 where batches add up: over the batches of
+    an update (`train.accumulate`), and over the ranks of data-parallel training (DDP's all-reduce).
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.work = copy.deepcopy(model).to(torch.bfloat16)
         self._master = list(model.parameters())
         self._work = list(self.work.parameters())
         self._grads = [torch.zeros_like(p) for p in self._master]
 
     def grads_to_master(self) -> None:
-        """Sets the master weights' gradients (fp32) to the working copy's, and clears the latter."""
-        torch._foreach_copy_(self._grads, [w.grad if w.grad is not None else torch.zeros_like(w) for w in self._work])
+        """Sets the master weights' gradients (fp32) to the working copy's, and clears the latter. A weight
+        without a gradient gets none, as the optimizer expects of an unused weight."""
+        have = [i for i, w in enumerate(self._work) if w.grad is not None]
+        torch._foreach_copy_([self._grads[i] for i in have], [self._work[i].grad for i in have])
         for master, grad, work in zip(self._master, self._grads, self._work, strict=True):
-            master.grad, work.grad = grad, None
+            master.grad, work.grad = (grad if work.grad is not None else None), None
 
     @torch.no_grad()
     def weights_to_work(self) -> None:

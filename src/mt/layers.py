@@ -59,6 +59,21 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm`, computed in fp32 for bf16 input on the CPU.
+
+    With bf16 weights (`train.precision: bf16-weights`), torch's CPU kernel sums the weight and bias gradients
+    over the rows in bf16, where the sum soon stops growing: over 8,192 rows, a bias gradient of 4,077 came out
+    as 512 (tests/test_train.py checks every gradient of the bf16 model). CUDA's kernel sums in fp32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
 class FeedForward(nn.Module):
     """Position-wise linear -> activation -> dropout -> linear (fairseq's `activation_dropout`)."""
 
@@ -82,7 +97,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.norm1, self.norm2 = LayerNorm(d_model), LayerNorm(d_model)
         self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
@@ -114,7 +129,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (LayerNorm(d_model) for _ in range(3))
         self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 

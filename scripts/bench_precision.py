@@ -3,8 +3,8 @@ master weights (`bf16-weights`, `mt.devices.MasterWeights`), side by side in one
 length-bucketed batches: both settings see the same batches in the same round, and alternate, as `mt bench`
 times them. With `--compile`, both train through torch.compile (`train.compile`).
 
-It first counts, for one step of each, the operators torch dispatches (forward and backward, views included:
-`TorchDispatchMode`) and the dtype conversions among them (`aten._to_copy`). On a GPU each non-view
+It first counts, for one eager step of each, the operators torch dispatches (forward and backward, views
+included: `TorchDispatchMode`) and the dtype conversions among them (`aten._to_copy`). On a GPU each non-view
 operator is a kernel launch paid for with host time.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/bench_precision.py --config configs/multi30k.yaml
@@ -92,7 +92,8 @@ def main() -> None:
             step(batch)
         with CountOps() as ops:
             step(batches[warmup])
-        rows.append(Row(f"{name}: operators dispatched in one step", sum(ops.counts.values()), "ops",
+        # Eager even with --compile: torch.compile does not run under a dispatch mode.
+        rows.append(Row(f"{name}: operators dispatched in one eager step", sum(ops.counts.values()), "ops",
                         f"{ops.counts['aten._to_copy']} conversions (aten._to_copy)"))
     speed = {name: [] for name in SETTINGS}
     for r in range(args.rounds):

@@ -102,6 +102,22 @@ def test_bf16_weights_training_step_on_cuda_learns_and_never_waits_for_the_gpu()
         assert p.dtype == torch.float32 and w.dtype == torch.bfloat16 and torch.equal(w, p.detach().bfloat16())
 
 
+def test_bf16_model_gradients_on_cuda_match_the_fp32_models():
+    """As tests/test_train.py checks on the CPU: CUDA's LayerNorm and embedding kernels sum in fp32."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, heads=4, encoder_layers=2, decoder_layers=2, d_ff=128), 40).to(CUDA)
+    master = MasterWeights(model)
+    lengths = torch.randint(5, 21, (2, 200)).tolist()
+    batch = collate([torch.randint(4, 40, (n,)).tolist() for n in lengths[0]],
+                    [torch.randint(4, 40, (n,)).tolist() for n in lengths[1]]).to(CUDA)
+    model.eval()  # no dropout: both passes compute the same function
+    master.work.eval()
+    loss_fn(model, batch, 0.1)[0].backward()
+    loss_fn(master.work, batch, 0.1)[0].backward()
+    for (name, p), w in zip(model.named_parameters(), master.work.parameters(), strict=True):
+        assert (w.grad.float() - p.grad).norm() <= 0.05 * p.grad.norm(), name
+
+
 def test_cached_decoding_equals_recomputation_on_cuda():
     torch.manual_seed(3)
     model = Transformer(ModelConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, d_ff=64), 50)

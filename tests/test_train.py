@@ -173,10 +173,11 @@ def poison_training_steps(monkeypatch, steps):
     monkeypatch.setattr(mt.train, "loss_fn", loss_fn)
 
 
-def test_nonfinite_updates_are_skipped_and_training_goes_on(in_tmp, monkeypatch, caplog):
+@pytest.mark.parametrize("precision", ["auto", "bf16-weights"])
+def test_nonfinite_updates_are_skipped_and_training_goes_on(in_tmp, monkeypatch, caplog, precision):
     poison_training_steps(monkeypatch, {6, 7, 8})
     config = load_config(TINY, ["name=nan", "train.max_steps=12", "train.valid_every=6", "train.log_every=2",
-                                "train.max_nonfinite=4", "data.max_pairs=300"])
+                                "train.max_nonfinite=4", "data.max_pairs=300", f"train.precision={precision}"])
     run_dir = train(config, show_progress=False)
     # Reported at the logging steps 6 and 8: the NaN of step 6, then those of steps 7 and 8.
     assert "1 update(s) skipped for a non-finite gradient by step 6" in caplog.text

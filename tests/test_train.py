@@ -200,9 +200,12 @@ def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
         train(config, show_progress=False)
 
 
-def test_training_forward_compiles_as_one_graph_for_every_batch_shape():
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_training_forward_compiles_as_one_graph_for_every_batch_shape(bf16_weights):
     torch.manual_seed(0)
     model = Transformer(load_config(TINY).model, 30).eval()  # eval: no dropout, so both passes match
+    if bf16_weights:  # the bf16 copy that train.precision: bf16-weights trains
+        model = MasterWeights(model).work
     # backend "eager": dynamo's tracing without inductor's code generation, which takes a minute on a CPU.
     # fullgraph: a graph break would fail here rather than silently split the compiled step.
     net = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)

@@ -4,8 +4,8 @@
 # Measures the training levers that have not run on a GPU yet, side by side with the eager baseline in this one
 # call, on configs/multi30k-gpu.yaml (`mt bench --no-decode`): torch.compile (`train.compile`), bf16 weights
 # with fp32 master weights against bf16 autocast (`train.precision: bf16-weights`, scripts/bench_precision.py),
-# 128k-token batches, both together, and the memory-efficient attention kernel tried before flash
-# (scripts/sdpa_backends.py). The second call then runs scripts/gpu_check.sh with the winners, e.g.
+# 128k-token batches, both together, and the attention kernels: memory-efficient tried before flash, and the
+# math kernel alone (scripts/sdpa_backends.py). The second call then runs scripts/gpu_check.sh with the winners, e.g.
 # GPU_CHECK_SET="train.compile=true". Steps come in order of value; the last get what is left of the budget.
 set -uo pipefail
 budget=${GPU_CHECK_SECONDS:-420}

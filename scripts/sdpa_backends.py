@@ -1,7 +1,7 @@
-"""Times training and decoding under three sets of `scaled_dot_product_attention` kernels, side by side in
+"""Times training and decoding under four sets of `scaled_dot_product_attention` kernels, side by side in
 one process: torch's own choice (on Hopper GPUs since torch 2.9, cuDNN first), mt's (`mt.attention.fast_kernels`:
-every kernel but cuDNN's on CUDA, the math kernel on the CPU), and mt's with the memory-efficient kernel tried
-before flash (on CUDA; the same as mt's elsewhere).
+every kernel but cuDNN's on CUDA, the math kernel on the CPU), mt's with the memory-efficient kernel tried
+before flash, and the math kernel alone (the last two on CUDA; the same as mt's elsewhere).
 
 cuDNN builds an execution graph for each new shape. Training batches are cut afresh every epoch, so each
 round here draws new batches (the next epoch's seed), as training does; all settings see the same batches in
@@ -62,12 +62,22 @@ def efficient_first(device: torch.device) -> contextlib.AbstractContextManager:
                        set_priority=True)
 
 
+def math_only(device: torch.device) -> contextlib.AbstractContextManager:
+    """The math kernel alone: batched matrix products and a softmax, as on the CPU. The fused kernels work in
+    tiles of 64 or 128 positions, and a sentence is a few dozen tokens; on the H100 attention's backward pass
+    took 11.6 ms of a 62 ms step (BENCHMARKS.md, "GPU speed"): a candidate, not yet measured."""
+    if device.type != "cuda":
+        return fast_kernels(device)
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 SETTINGS_MT = "mt (fast_kernels)"
 # name: the kernel choice that replaces mt's in training and decoding (None: mt's own)
 SETTINGS = {
     "torch's choice": lambda device: contextlib.nullcontext(),
     SETTINGS_MT: None,
     "memory-efficient first": efficient_first,
+    "math only": math_only,
 }
 
 

@@ -70,13 +70,15 @@ class MasterWeights:
     Under autocast the weights stay fp32, and every step converts them, the activations entering each matrix
     product and their gradients between fp32 and bf16: counted on the CPU, a training step of the GPU config
     dispatches 3,400 operators, 564 of them conversions, each a kernel launch on a GPU; with bf16 weights,
-    3,034 and 196, before the CPU-only fp32 LayerNorm and embedding look-up of `mt.layers.LayerNorm` and
-    `Transformer.embed_tokens` (scripts/bench_precision.py, BENCHMARKS.md). Here the forward and backward passes run on
-    `work`, whose weights and activations are bf16 (layer norm and softmax compute in fp32 inside their
-    kernels); the optimizer updates the fp32 `model`, which checkpoints, validation and decoding use as before.
-    A step costs two multi-tensor copies: the gradients to the master (`grads_to_master`), and the updated
-    weights back (`weights_to_work`). Gradients are summed in bf16 where batches add up: over the batches of
-    an update (`train.accumulate`), and over the ranks of data-parallel training (DDP's all-reduce).
+    3,034 and 196 before the CPU-only fp32 paths of `mt.layers.LayerNorm` and `Transformer.embed_tokens` were
+    added (scripts/bench_precision.py, BENCHMARKS.md).
+
+    Here the forward and backward passes run on `work`, whose weights and activations are bf16 (layer norm
+    and softmax compute in fp32 inside their kernels); the optimizer updates the fp32 model given, which
+    checkpoints, validation and decoding use as before. A step costs two multi-tensor copies: the gradients to
+    the master (`grads_to_master`), and the updated weights back (`weights_to_work`). Gradients are summed in
+    bf16 where batches add up: over the batches of an update (`train.accumulate`), and over the ranks of
+    data-parallel training (DDP's all-reduce).
     """
 
     def __init__(self, model: nn.Module):

@@ -64,7 +64,7 @@ class LayerNorm(nn.LayerNorm):
 
     With bf16 weights (`train.precision: bf16-weights`), torch's CPU kernel sums the weight and bias gradients
     over the rows in bf16, where the sum soon stops growing: over 8,192 rows, a bias gradient of 4,077 came out
-    as 512 (tests/test_layers.py). CUDA's kernel sums in fp32.
+    as 512 (scripts/bf16_sums.py; tests/test_layers.py). CUDA's kernel sums in fp32.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

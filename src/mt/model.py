@@ -77,7 +77,7 @@ class Transformer(nn.Module):
         weight = self.embed.weight
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             # torch's CPU embedding backward adds up a token's gradients in bf16 (with bf16 weights, the sum of
-            # a token seen 4,096 times stopped at 1.0 for 6.16): looked up in fp32, it adds them up in fp32.
+            # a token seen 4,096 times stopped at 1.0 for 6.16, scripts/bf16_sums.py): looked up in fp32, in fp32.
             x = F.embedding(tokens, weight.float(), PAD).to(weight.dtype)
         else:
             x = self.embed(tokens)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +72,14 @@ def main() -> int:
     run_dir.mkdir(exist_ok=True)
     overrides = [f"data.train={{src: {folder / 'big.fr'}, tgt: {folder / 'big.en'}}}", f"data.workers={args.workers}",
                  f"tokenizer.sample_sentences={args.tokenizer_sample}"]
-    result = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), *overrides], capture_output=True, text=True)
+    # The corpus's Arrow copy (GBs) goes to a datasets cache in the folder, removed with it unless --keep.
+    env = {**os.environ, "HF_DATASETS_CACHE": str(folder / "hf-cache")}
+    try:
+        result = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), *overrides], capture_output=True,
+                                text=True, env=env)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     if result.returncode != 0:
         print(result.stderr[-3000:])
         return 1

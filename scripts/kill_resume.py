@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def main() -> int:
     print(f"kills survived: {survived}; checkpoint files lost: {lost}")
     ok = final.returncode == 0 and step == args.steps and lost == 0
     print("OK" if ok else "FAILED: " + final.stderr.strip()[-500:])
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
 
 

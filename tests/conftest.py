@@ -1,11 +1,22 @@
 """Shared fixtures: the real data (MT_DATA_PATH) and small corpora written by the tests themselves."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests' corpora are new files every run: their Arrow copies go to a datasets cache of the test session's
+# own (set before `datasets` is imported, which reads it once), not into the user's.
+HF_CACHE = tempfile.mkdtemp(prefix="mt-tests-hf-")
+os.environ["HF_DATASETS_CACHE"] = HF_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(HF_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

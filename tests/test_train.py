@@ -13,7 +13,7 @@ from mt.config import load_config
 from mt.data import collate
 from mt.devices import MasterWeights
 from mt.model import Transformer
-from mt.train import inverse_sqrt_schedule, loss_fn, train
+from mt.train import Trainer, inverse_sqrt_schedule, loss_fn, train
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -75,6 +75,24 @@ def test_same_config_and_seed_give_the_same_losses(in_tmp):
     assert (runs[0] / "tokenizer.model").read_bytes() == (runs[1] / "tokenizer.model").read_bytes()
     losses = [[r.get("train_loss") for r in metrics(run) if "train_loss" in r] for run in runs]
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_tokenized_data_stays_in_the_run_until_it_finishes(in_tmp, monkeypatch):
+    import datasets
+
+    def arrow_files(folder: Path) -> list[Path]:
+        return sorted(folder.rglob("*.arrow"))
+
+    during = []
+    validate = Trainer.validate_and_save
+    monkeypatch.setattr(Trainer, "validate_and_save",
+                        lambda self: during.extend(arrow_files(self.run_dir / checkpoint.CACHE)) or validate(self))
+    train(load_config(TINY, short("one", 2)), show_progress=False)
+    shared = arrow_files(Path(datasets.config.HF_DATASETS_CACHE))
+    run_dir = train(load_config(TINY, [*short("two", 2), "tokenizer.vocab_size=500"]), show_progress=False)
+    assert during  # the tokenized pairs were in the run's cache/ while it trained ...
+    assert not (run_dir / checkpoint.CACHE).exists()  # ... and went when it finished
+    assert arrow_files(Path(datasets.config.HF_DATASETS_CACHE)) == shared  # a new tokenizer added nothing there
 
 
 def test_resume_falls_back_to_the_newest_valid_checkpoint(in_tmp, caplog):

@@ -10,6 +10,7 @@
         metrics.jsonl     one JSON object per log or validation event
         data.json         what data preparation read and removed
         train.log         the training log
+        cache/            the tokenized training data while the run trains; removed when it finishes
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from mt.errors import CheckpointError
 
 CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
-METRICS, DATA_STATS, LOG = "metrics.jsonl", "data.json", "train.log"
+METRICS, DATA_STATS, LOG, CACHE = "metrics.jsonl", "data.json", "train.log", "cache"
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ class DataConfig:
     max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this", min=1.0)
     normalize: bool = option(True, "NFC, whitespace, apostrophes and quotes normalised (training data and input)")
     dedupe: bool = option(True, "remove exact duplicate training pairs (within each corpus)")
-    workers: int = option(1, "processes that tokenize the training data (cached: runs once per corpus and tokenizer)",
+    workers: int = option(1, "processes that tokenize the training data (once per run; a resume reuses it)",
                           min=1)
 
 

@@ -1,7 +1,9 @@
 """Parallel text: checked reading through `datasets` (Arrow, cached), tokenization, filtering, batching.
 
 A corpus is streamed into an Arrow table by `datasets.Dataset.from_generator`, which caches it keyed on the
-files' paths, sizes and modification times; tokenization runs through `.map`, cached on the tokenizer's hash.
+files' paths, sizes and modification times; tokenization runs through `.map`, cached on the tokenizer's hash
+in the folder the caller names (a run's `cache/`), so that every run's tokenized copy goes with the run
+rather than piling up in the datasets cache.
 Batches hold about `batch_tokens` tokens (padding included): pairs of similar length are grouped, so little
 of each batch is padding, and the batch order is shuffled with a seed per epoch.
 """
@@ -226,9 +228,9 @@ def clean_pairs(ds, normalize: bool = True, dedupe: bool = True):
     return ds, CleanReport(total, changed, duplicates)
 
 
-def tokenize(ds, tokenizer: Tokenizer, workers: int = 1):
+def tokenize(ds, tokenizer: Tokenizer, workers: int = 1, cache: Path | None = None):
     """Adds `src_ids` and `tgt_ids` columns through `.map` (in `workers` processes), cached on the data and
-    the tokenizer."""
+    the tokenizer: in the folder `cache` when given, else in the datasets cache beside the corpus."""
     key = hashlib.sha256(ds._fingerprint.encode() + tokenizer.proto).hexdigest()[:32]
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
@@ -236,7 +238,16 @@ def tokenize(ds, tokenizer: Tokenizer, workers: int = 1):
 
     workers = min(workers, max(1, len(ds) // 10_000))  # small corpora are not worth the processes
     return ds.map(encode, batched=True, batch_size=10_000, new_fingerprint=key,
-                  num_proc=workers if workers > 1 else None)
+                  num_proc=workers if workers > 1 else None, cache_file_name=_cache_file(cache, key))
+
+
+def _cache_file(folder: Path | None, key: str) -> str | None:
+    """The Arrow file in `folder` that holds the dataset with fingerprint `key`: named by the key, so a file
+    written for other data or another tokenizer is never taken for it."""
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{key}.arrow")
 
 
 @dataclass(frozen=True)
@@ -254,8 +265,9 @@ class FilterReport:
                 f"than the limit, {self.bad_ratio} with an extreme length ratio; {self.kept} kept")
 
 
-def filter_pairs(ds, max_tokens: int, max_ratio: float):
+def filter_pairs(ds, max_tokens: int, max_ratio: float, cache: Path | None = None):
     """Drops pairs with an empty side, a side over `max_tokens` subwords, or a length ratio over `max_ratio`.
+    The kept pairs are written to the folder `cache` when given, else to the datasets cache.
 
     Returns:
         The filtered dataset and a FilterReport.
@@ -269,7 +281,8 @@ def filter_pairs(ds, max_tokens: int, max_ratio: float):
     report = FilterReport(len(ds), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()), len(keep))
     if len(keep) < len(ds):
         # Written out rather than kept as an index mapping: `PairTable` then reads the Arrow columns directly.
-        ds = ds.select(keep).flatten_indices()
+        ds = ds.select(keep)
+        ds = ds.flatten_indices(cache_file_name=_cache_file(cache, ds._fingerprint))
     return ds, report
 
 

@@ -157,12 +157,14 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
         tokenizer = Tokenizer.train(list(sample["src"]) + list(sample["tgt"]), t.vocab_size, t.type,
                                     t.character_coverage, t.sample_sentences, seed=config.train.seed)
         tokenizer.save(tokenizer_path)
-    train, report = filter_pairs(tokenize(train, tokenizer, data.workers), data.max_tokens, data.max_ratio)
+    cache = run_dir / checkpoint.CACHE
+    train, report = filter_pairs(tokenize(train, tokenizer, data.workers, cache), data.max_tokens, data.max_ratio,
+                                 cache)
     log.info("training data: %s", report.describe())
     if report.kept == 0:
         raise DataError(f"no training pairs left after filtering {' + '.join(names)} "
                         f"(data.max_tokens={data.max_tokens}, data.max_ratio={data.max_ratio})")
-    valid = tokenize(valid, tokenizer)
+    valid = tokenize(valid, tokenizer, cache=cache)
     src_len, tgt_len = lengths(train)
     stats = {"train": names, "valid": valid_files.name, "cleaning": cleaning, "filter": asdict(report),
              "valid_pairs": len(valid), "vocab_size": tokenizer.vocab_size,
@@ -315,6 +317,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
                             streams=IN_TRAINING_STREAMS)[0]
             log.info("decoding defaults chosen on the valid set: beam %d, length penalty %.1f (BLEU %.2f)",
                      best["beam_size"], best["length_penalty"], best["bleu"])
+        if ctx.is_main:  # the tokenized data: a resume of the finished run makes it again
+            shutil.rmtree(run_dir / checkpoint.CACHE, ignore_errors=True)
         return run_dir
     finally:
         if file_log:

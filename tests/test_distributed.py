@@ -17,7 +17,7 @@ STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train
 
 
 def mt_train(folder, launcher, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(folder)}  # torchrun's own temporary folders too
     args = [*launcher, "train", "--config", TINY, "--quiet", "--overwrite"]
     for override in (*STEPS, *overrides):
         args += ["--set", override]

@@ -1,6 +1,7 @@
 """The command line, end to end on a slice of real Multi30k, and its one-line errors."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,6 +88,30 @@ def one_line_error(result, pattern):
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
     assert "Traceback" not in result.output
     assert re.search(pattern, errors[0]), errors[0]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_a_one_line_error(in_tmp, monkeypatch):
+    from mt import files
+
+    def full_disk(fd, mode):  # every write fails with ENOSPC, as on a full disk
+        os.close(fd)
+        return open("/dev/full", mode)
+
+    monkeypatch.setattr(files.os, "fdopen", full_disk)
+    one_line_error(run("train", "--config", TINY), r"cannot write runs/tiny/\S+: No space left on device "
+                                                   r"\(.* MiB free on its disk\)")
+
+
+def test_a_full_disk_while_tokenizing_names_the_folder(in_tmp, monkeypatch):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as Arrow's writer raises it: no file named
+
+    monkeypatch.setattr("mt.train.tokenize", no_space)
+    one_line_error(run("train", "--config", TINY), r"cannot write the tokenized data to runs/tiny/cache/: "
+                                                   r"No space left on device")
 
 
 def test_misspelt_config_key(tmp_path, monkeypatch):

@@ -15,16 +15,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, MtError
+from mt.files import write_atomically
 
 CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
 METRICS, DATA_STATS, LOG, CACHE = "metrics.jsonl", "data.json", "train.log", "cache"
@@ -33,17 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Writes `state` to a temporary file beside `path`, flushes it to disk, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes `state` with torch.save through `files.write_atomically`: a kill or a full disk leaves `path` as it
+    was, and the error (an MtError) names the file."""
+    write_atomically(path, functools.partial(torch.save, state))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -136,8 +129,12 @@ def average(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    path = run_dir / METRICS
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise MtError(f"cannot write {path}: {e.strerror}") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

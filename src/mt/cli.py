@@ -53,7 +53,7 @@ def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def _errors_exit_2(command):
-    """Turns an MtError into `error: message` on stderr and exit code 2 (130 for an interrupted run)."""
+    """Turns an MtError or OSError into `error: message` on stderr and exit code 2 (130 for an interrupted run)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -64,6 +64,10 @@ def _errors_exit_2(command):
             raise typer.Exit(130) from None
         except MtError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a full disk, a read-only folder: the file and the reason, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            typer.echo(f"error: {where}{e.strerror or e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from mt.errors import ConfigError
+from mt.files import write_bytes
 
 CorpusSpec = str | dict[str, str]
 """A corpus: `name:split` (e.g. `multi30k:train`) or `{src: PATH, tgt: PATH}` for an aligned pair of files."""
@@ -194,7 +195,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True).encode())
 
 
 def reference() -> list[tuple[str, str, str]]:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from mt.errors import DataError
+from mt.files import write_bytes
 
 KNOWN = {
     "multi30k": ("train", "valid", "test_2016_flickr", "test_2017_flickr", "test_2017_mscoco"),
@@ -235,12 +235,5 @@ def download(key: str, folder: Path = Path("data"), timeout: float = 30.0) -> Pa
     if digest != source.sha256:
         raise DataError(f"checksum mismatch for {key} downloaded from {source.url}: expected sha256 "
                         f"{source.sha256}, got {digest}; nothing was written")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(target, text)
     return target

@@ -13,6 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mt.errors import CheckpointError, DataError
+from mt.files import write_bytes
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -83,7 +84,7 @@ class Tokenizer:
         return cls(model.getvalue())
 
     def save(self, path: Path) -> None:
-        path.write_bytes(self.proto)
+        write_bytes(path, self.proto)
 
     @property
     def vocab_size(self) -> int:

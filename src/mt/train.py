@@ -45,6 +45,7 @@ from mt.data import (
 from mt.devices import MasterWeights, autocast, autocast_dtype, resolve_device, training_precision
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
+from mt.files import free_mib, write_bytes
 from mt.model import Transformer
 from mt.tokenizer import Tokenizer
 from mt.translate import translate_ids
@@ -158,18 +159,22 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
                                     t.character_coverage, t.sample_sentences, seed=config.train.seed)
         tokenizer.save(tokenizer_path)
     cache = run_dir / checkpoint.CACHE
-    train, report = filter_pairs(tokenize(train, tokenizer, data.workers, cache), data.max_tokens, data.max_ratio,
-                                 cache)
+    try:
+        train, report = filter_pairs(tokenize(train, tokenizer, data.workers, cache), data.max_tokens,
+                                     data.max_ratio, cache)
+        valid = tokenize(valid, tokenizer, cache=cache)
+    except OSError as e:  # datasets' and Arrow's writes name no file
+        raise DataError(f"cannot write the tokenized data to {cache}/: {e.strerror or e} "
+                        f"({free_mib(run_dir):,.0f} MiB free on its disk)") from None
     log.info("training data: %s", report.describe())
     if report.kept == 0:
         raise DataError(f"no training pairs left after filtering {' + '.join(names)} "
                         f"(data.max_tokens={data.max_tokens}, data.max_ratio={data.max_ratio})")
-    valid = tokenize(valid, tokenizer, cache=cache)
     src_len, tgt_len = lengths(train)
     stats = {"train": names, "valid": valid_files.name, "cleaning": cleaning, "filter": asdict(report),
              "valid_pairs": len(valid), "vocab_size": tokenizer.vocab_size,
              "train_src_tokens": int(src_len.sum()), "train_tgt_tokens": int(tgt_len.sum())}
-    (run_dir / checkpoint.DATA_STATS).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    write_bytes(run_dir / checkpoint.DATA_STATS, (json.dumps(stats, indent=2) + "\n").encode())
     return PreparedData(tokenizer, train, valid, src_len, tgt_len)
 
 

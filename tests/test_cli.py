@@ -135,9 +135,36 @@ def test_translate_without_a_trained_run(tmp_path, monkeypatch):
 def test_existing_run_folder_is_not_overwritten(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
-    (tmp_path / "runs" / "tiny" / "precious.txt").write_text("keep me")
+    (tmp_path / "runs" / "tiny" / "config.yaml").write_text("name: tiny\n")
+    (tmp_path / "runs" / "tiny" / "last.pt").write_text("a checkpoint")
     one_line_error(run("train", "--config", TINY), r"runs/tiny already exists; pass --resume .* --overwrite")
-    assert (tmp_path / "runs" / "tiny" / "precious.txt").is_file()
+    assert (tmp_path / "runs" / "tiny" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_that_is_no_run_is_never_deleted(tmp_path, monkeypatch, overwrite):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "photos").mkdir(parents=True)
+    (tmp_path / "runs" / "photos" / "precious.jpg").write_text("keep me")
+    one_line_error(run("train", "--config", TINY, "--set", "name=photos", *overwrite),
+                   r"runs/photos exists and is not a run folder \(no config\.yaml\)")
+    assert (tmp_path / "runs" / "photos" / "precious.jpg").is_file()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/tmp/x"])
+def test_run_name_must_be_a_folder_name(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run("train", "--config", TINY, "--set", f"name={name}", "--overwrite"),
+                   r"name must be a folder name")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_starts_again(in_tmp):
+    one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"), r"nope\.fr")
+    assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left
+    result = run("train", "--config", TINY, "--set", "train.max_steps=2", "--set", "train.valid_every=2")
+    assert result.exit_code == 0, result.output
+    assert "holds no checkpoint" in result.stderr
 
 
 def test_real_process_shows_no_traceback(tmp_path):
@@ -288,9 +315,15 @@ def test_plot_runs_and_info(trained, monkeypatch):
         (lambda d: (d / "runs" / "x").mkdir(parents=True), ["translate", "--run", "runs/x", "Bonjour."],
          r"runs/x is not a run folder: it has no config\.yaml"),
         (lambda d: None, ["train", "--config", TINY, "--resume"], r"cannot resume: runs/tiny is not a run folder"),
+        (lambda d: write_pair(d, "e", [], []),
+         ["train", "--config", TINY, "--set", "data.train={src: e.fr, tgt: e.en}"],
+         r"training corpus e\.fr \| e\.en is empty"),
+        (lambda d: write_pair(d, "e", [], []),
+         ["train", "--config", TINY, "--set", "data.valid={src: e.fr, tgt: e.en}"],
+         r"validation corpus e\.fr \| e\.en is empty"),
     ],
     ids=["missing-config", "missing-corpus", "non-utf8", "empty-after-filtering", "vocab-too-large",
-         "run-without-config", "resume-nothing"],
+         "run-without-config", "resume-nothing", "empty-training-corpus", "empty-validation-corpus"],
 )
 def test_bad_input_gets_one_line_and_exit_2(in_tmp, setup, args, pattern):
     setup(in_tmp)
@@ -310,6 +343,77 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     one_line_error(run("translate", "--run", "empty", "Un chat."), r"checkpoint not found: empty/last\.pt")
     Path("empty/last.pt").write_bytes(b"not a checkpoint")
     one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "pattern"),
+    [
+        (["translate", "--beam", 301, "Un chat."], None,
+         r"beam size 301 is too large for this model's vocabulary of 600 pieces: at most 300"),
+        (["translate", "--nbest", 3, "--beam", 1, "Un chat."], None, r"--nbest 3 needs a beam at least as wide"),
+        (["translate", "--device", "mps", "Un chat."], None, r"--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+        (["translate"], b"Un chat.\ncaf\xe9\n", r"stdin, line 2: not valid UTF-8 \(byte 0xe9\)"),
+        (["translate", "--attention", "a.png", "un chat " * 200], None,
+         r"--attention draws sentences of up to 150 subwords a side; this one has \d+"),
+        (["plot", "runs/tiny", "-o", "p.xyz"], None, r"cannot draw p\.xyz: matplotlib writes .*png.*, not xyz"),
+        (["plot", "runs/tiny", "-o", "runs"], None, r"runs is a folder; give a file name"),
+        (["average", "--run", "nope"], None, r"run folder not found: nope"),
+        (["tune", "--penalties", "nan"], None, r"length penalties finite numbers >= 0"),
+        (["eval", "--src", "e.fr", "--ref", "e.en"], None, r"test set e\.fr \| e\.en is empty"),
+    ],
+    ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin",
+         "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty"],
+)
+def test_bad_requests_to_a_trained_run(trained, monkeypatch, args, stdin, pattern):
+    monkeypatch.chdir(trained)
+    write_pair(trained, "e", [], [])
+    one_line_error(run(*args, input=stdin), pattern)
+
+
+def test_empty_input_and_crlf_lines_translate(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    Path("empty.fr").write_text("")
+    result = run("translate", "--input", "empty.fr")
+    assert result.exit_code == 0 and result.stdout == ""
+    result = run("translate", "--json", "--beam", 1, input=b"Un chat.\r\nUn chien.\r\n")
+    assert [json.loads(line)["source"] for line in result.stdout.splitlines()] == ["Un chat.", "Un chien."]
+
+
+def test_a_reader_that_stops_early_ends_translation_quietly(trained, tmp_path):
+    lines = "".join(f"Un homme numéro {i} marche dans la rue avec son chien.\n" for i in range(3000))
+    (tmp_path / "many.fr").write_text(lines, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "mt", "translate", "--beam", "1", "--input",
+                                str(tmp_path / "many.fr")], cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline()  # `mt translate --input many.fr | head -1`
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0
+    assert process.stderr.read() == b""
+
+
+def test_eval_keeps_the_hypotheses_of_test_files_of_the_same_name(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    write_pair(trained / "d1", "test", ["Un chat."], ["A cat."])
+    write_pair(trained / "d2", "test", ["Un chien.", "Deux chiens."], ["A dog.", "Two dogs."])
+    result = run("eval", "--test", "d1/test.fr|d1/test.en,d2/test.fr|d2/test.en", "--beam", 1, "--json")
+    assert result.exit_code == 0, result.output
+    paths = [Path(r["hypotheses"]) for r in json.loads(result.stdout)]
+    assert len(set(paths)) == 2 and [len(p.read_text().splitlines()) for p in paths] == [1, 2]
+
+
+def test_damaged_metrics_and_data_stats_are_skipped(trained, monkeypatch, tmp_path, caplog):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained / "runs" / "tiny", "runs/tiny")
+    with open("runs/tiny/metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 70, "valid_bleu": "abc"}\n{"no step": 1}\n\xff\xfe\n{"step": 71, "train_lo')
+    Path("runs/tiny/data.json").write_text('{"train": ["multi')
+    listing = run("runs")
+    assert listing.exit_code == 0 and re.search(r"tiny +60 ", listing.stdout), listing.output
+    details = run("info", "runs/tiny")
+    assert details.exit_code == 0 and "data.json is unreadable" in details.stdout
+    assert run("plot", "runs/tiny", "-o", "curves").stdout.strip() == "wrote curves.png"
+    assert "skipped 4 unreadable line(s)" in caplog.text
 
 
 def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):

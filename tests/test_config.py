@@ -51,6 +51,12 @@ def test_misspelt_section(tmp_path):
         ("train:\n  adam_betas: [0.9]\n", r"train\.adam_betas must be a list of 2 numbers"),
         ("[1, 2]\n", r"expected a mapping of sections"),
         ("model: {d_model: 8\n", r"not valid YAML"),
+        ("train:\n  lr: .nan\n", r"train\.lr must be a finite number, got nan"),
+        ("train:\n  max_minutes: .inf\n", r"train\.max_minutes must be a finite number, got inf"),
+        ("train:\n  adam_betas: [2, 3]\n", r"train\.adam_betas must be two numbers in \[0, 1\)"),
+        ("train:\n  seed: -5\n", r"train\.seed must be >= 0"),
+        ("model:\n  max_positions: 16\n", r"model\.max_positions \(16\) must exceed data\.max_tokens \(128\)"),
+        ("name: ..\n", r"name must be a folder name"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(tmp_path, text, message):

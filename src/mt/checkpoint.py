@@ -75,9 +75,16 @@ def save_numbered(state: dict[str, Any], run_dir: Path, step: int, keep: int) ->
 
 
 def remove_partial_files(run_dir: Path) -> None:
-    """Deletes temporary files that a run killed while saving left behind."""
+    """Deletes temporary files that a run killed while saving left behind, and ends a metrics line it cut
+    short, so that the next record starts a line of its own."""
     for path in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.link")]:
         path.unlink(missing_ok=True)
+    metrics = run_dir / METRICS
+    if metrics.is_file() and metrics.stat().st_size:
+        with open(metrics, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def numbered_checkpoints(run_dir: Path) -> list[Path]:
@@ -138,10 +145,48 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl. A line that a kill or a full disk cut short, or that is not a
+    record with a numeric step and numeric losses and BLEU, is skipped with a warning."""
     path = run_dir / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records, skipped = [], []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and all(_is_number(record.get(key, 0)) for key in ("step", *_NUMBERS)) \
+                and "step" in record:
+            records.append(record)
+        else:
+            skipped.append(number)
+    if skipped:
+        log.warning("%s: skipped %d unreadable line(s): %s", path, len(skipped), ", ".join(map(str, skipped[:5])))
+    return records
+
+
+_NUMBERS = ("train_loss", "valid_loss", "valid_bleu", "lr", "tokens_per_s", "seconds")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_run(run_dir: Path) -> Path:
+    """`run_dir`, if it is a run folder (it holds a config.yaml).
+
+    Raises:
+        CheckpointError: saying what it is instead.
+    """
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    return run_dir
 
 
 def latest_run(runs_dir: Path) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -65,6 +67,9 @@ def _errors_exit_2(command):
         except MtError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `mt translate ... | head`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            raise typer.Exit(0) from None
         except OSError as e:  # a full disk, a read-only folder: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}", err=True)
@@ -130,7 +135,7 @@ def translate(
     mt translate "Un homme joue de la guitare." --attention attention.png
     """
     from mt.checkpoint import latest_run
-    from mt.data import read_lines
+    from mt.data import decode_lines, read_lines
     from mt.translate import Translator
 
     _setup_logging(quiet=True)
@@ -141,6 +146,8 @@ def translate(
     if (layer is not None or head is not None) and attention is None:
         raise MtError("--layer and --head go with --attention")
     translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
+    if beam is not None and beam < nbest:
+        raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
     if nbest > 1 and (beam or translator.config.decode.beam_size) < nbest:
         beam = nbest  # n-best lists come from the beam
 
@@ -170,8 +177,8 @@ def translate(
             emit([line])
     else:
         chunk: list[str] = []
-        for line in sys.stdin:  # streams: translated in chunks as lines arrive
-            chunk.append(line.rstrip("\n"))
+        for line in decode_lines(sys.stdin.buffer, "stdin"):  # streams: translated in chunks as lines arrive
+            chunk.append(line)
             if len(chunk) == 64:
                 emit(chunk)
                 sys.stdout.flush()
@@ -203,8 +210,7 @@ def _draw_attention(translator, text: str, path: Path, layer: int | None, head: 
     output = translator.tokenizer.pieces(tokens + [EOS])
     fig = plots.attention_figure(weights, source, output, None if layer is None else layer - 1,
                                  None if head is None else head - 1)
-    plots.save(fig, path)
-    typer.echo(f"attention drawn in {path}", err=True)
+    typer.echo(f"attention drawn in {plots.save(fig, path)}", err=True)
 
 
 @app.command()
@@ -219,8 +225,7 @@ def plot(
     """
     from mt import plots
 
-    plots.save(plots.training_figure(runs), output)
-    typer.echo(f"wrote {output}")
+    typer.echo(f"wrote {plots.save(plots.training_figure(runs), output)}")
 
 
 @app.command("runs")
@@ -263,16 +268,17 @@ def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: t
     from mt.model import Transformer
     from mt.tokenizer import Tokenizer
 
-    run_dir = run or checkpoint.latest_run(runs_dir)
-    if not (run_dir / checkpoint.CONFIG).is_file():
-        raise MtError(f"{run_dir} is not a run folder: it has no {checkpoint.CONFIG}")
+    run_dir = checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
     config = load_config(run_dir / checkpoint.CONFIG)
     tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
     params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
     typer.echo(f"run: {run_dir}\nparameters: {params:,}\nvocabulary: {tokenizer.vocab_size} SentencePiece pieces")
     stats = run_dir / checkpoint.DATA_STATS
     if stats.is_file():
-        typer.echo("data: " + json.dumps(json.loads(stats.read_text(encoding="utf-8"))))
+        try:
+            typer.echo("data: " + json.dumps(json.loads(stats.read_bytes())))
+        except ValueError as e:
+            typer.echo(f"data: {stats} is unreadable ({e})")
     records = checkpoint.read_metrics(run_dir)
     bleus = [r for r in records if "valid_bleu" in r]
     if bleus:
@@ -339,7 +345,7 @@ def average(
     """
     from mt import checkpoint
 
-    run_dir = run or checkpoint.latest_run(runs_dir)
+    run_dir = checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
     paths = checkpoint.numbered_checkpoints(run_dir)[:last]
     if len(paths) < last:
         raise MtError(f"{run_dir} has {len(paths)} numbered checkpoints, fewer than --last {last}; "
@@ -372,8 +378,9 @@ def tune(
     except ValueError:
         raise MtError(f"--beams takes integers and --penalties numbers, comma-separated; got {beams!r}, "
                       f"{penalties!r}") from None
-    if min(beam_list) < 1 or min(penalty_list) < 0:
-        raise MtError("beam sizes must be >= 1 and length penalties >= 0")
+    if min(beam_list) < 1 or not all(0 <= p < math.inf for p in penalty_list):  # NaN fails the test too
+        raise MtError(f"beam sizes must be >= 1 and length penalties finite numbers >= 0; got {beams!r}, "
+                      f"{penalties!r}")
     run_dir = run or latest_run(runs_dir)
     results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
     for r in results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -90,7 +91,7 @@ class TrainConfig:
     valid_every: int = option(500, "validate (loss and greedy BLEU) every N updates", min=1)
     valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0)
     log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
-    seed: int = option(1, "seed of model initialisation and batch order")
+    seed: int = option(1, "seed of model initialisation and batch order", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding); "
@@ -245,6 +246,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
                           f"train.keep_checkpoints ({config.keep_checkpoints})")
     if cls is ModelConfig and config.d_model % config.heads:
         raise ConfigError(f"{source}: model.heads ({config.heads}) must divide model.d_model ({config.d_model})")
+    if cls is TrainConfig and not all(0 <= beta < 1 for beta in config.adam_betas):
+        raise ConfigError(f"{source}: train.adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
+    if cls is Config:
+        if config.name in (".", "..") or any(c in config.name for c in "/\\"):
+            raise ConfigError(f"{source}: name must be a folder name, without '/' and not '.' or '..' (the run "
+                              f"folder is runs_dir/name), got {config.name!r}")
+        if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
+            raise ConfigError(f"{source}: model.max_positions ({config.model.max_positions}) must exceed "
+                              f"data.max_tokens ({config.data.max_tokens}): sentences get an EOS or BOS token")
     return config
 
 
@@ -288,6 +298,8 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail("a number")
         value = float(value)
+        if not math.isfinite(value):
+            fail("a finite number")
     elif hint is str:
         if not isinstance(value, str) or not value:
             fail("a non-empty string")

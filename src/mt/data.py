@@ -16,7 +16,7 @@ import itertools
 import logging
 import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +39,24 @@ def iter_lines(path: Path) -> Iterator[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+            yield from decode_lines(f, str(path))
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {e}") from None
+
+
+def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
+    """Lines of bytes (a file or stdin's buffer) as text, without `\\n` or `\\r\\n`.
+
+    Raises:
+        DataError: naming `name` and the line, for bytes that are not UTF-8.
+    """
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
 
 
 def read_lines(path: Path) -> list[str]:
@@ -112,6 +121,8 @@ def _load_files(files: CorpusFiles):
 
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (files.src, files.tgt))
     try:
+        if next(iter_pairs(files), None) is None:  # datasets makes no table of no rows: the caller says "empty"
+            return datasets.Dataset.from_dict({"src": [], "tgt": []})
         ds = datasets.Dataset.from_generator(
             _generate_pairs, gen_kwargs={"src": str(files.src), "tgt": str(files.tgt), "stamp": stamp}
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from pathlib import Path
 
 import torch
@@ -23,12 +24,25 @@ from mt.errors import ConfigError
 
 def resolve_device(config: Config) -> torch.device:
     """The device `train.device` asks for (`auto`: CUDA when present)."""
-    wanted = config.train.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return pick_device(config.train.device, "train.device")
+
+
+def pick_device(wanted: str, key: str) -> torch.device:
+    """The device `wanted` names: `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+
+    Raises:
+        ConfigError: naming `key`, for another name or a CUDA device this machine does not have.
+    """
     if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", wanted):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {wanted!r}")
+    device = torch.device(wanted)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {wanted!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key} is {wanted!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def cpu_has_bf16() -> bool:

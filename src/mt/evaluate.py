@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from mt.errors import DataError
+
 
 @dataclass(frozen=True)
 class Score:
@@ -99,13 +101,23 @@ def evaluate_run(
     beam = beam_size or translator.config.decode.beam_size
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
-    results = []
-    for spec in tests or [data.test]:
+    test_sets, stems = [], set()
+    for spec in tests or [data.test]:  # every test set read before any is translated: a typo fails at once
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
         sources, references = read_corpus(files)
-        hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
+        if not sources:
+            raise DataError(f"test set {files.name} is empty")
         stem = re.sub(r"[^\w.-]+", ".", files.name if isinstance(spec, str) or not hasattr(files, "src")
                       else files.src.stem)
+        unique, copies = stem, 1
+        while unique in stems:  # test files of the same name in two folders: d1/test.fr and d2/test.fr
+            copies += 1
+            unique = f"{stem}.{copies}"
+        stems.add(unique)
+        test_sets.append((files, sources, references, unique))
+    results = []
+    for files, sources, references, stem in test_sets:
+        hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
         hyp_path = out_dir / f"{stem}.beam{beam}.{data.tgt_lang}"
         hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
         results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,

@@ -25,16 +25,23 @@ def _pyplot():
     return plt
 
 
+MAX_ATTENTION_TOKENS = 150
+
+
 def attention_figure(weights: torch.Tensor, source: Sequence[str], output: Sequence[str],
                      layer: int | None = None, head: int | None = None):
     """A grid of heatmaps of cross-attention `weights` (layers, heads, output, source): one row per layer,
     one column per head, or only the `layer` / `head` asked for (0-based).
 
     Raises:
-        MtError: if `layer` or `head` is out of range.
+        MtError: if `layer` or `head` is out of range, or a side is longer than `MAX_ATTENTION_TOKENS`.
     """
     plt = _pyplot()
     n_layers, n_heads = weights.shape[:2]
+    longest = max(len(source), len(output))
+    if longest > MAX_ATTENTION_TOKENS:  # a heatmap of a whole page is unreadable, and its figure takes GBs
+        raise MtError(f"--attention draws sentences of up to {MAX_ATTENTION_TOKENS} subwords a side; this "
+                      f"one has {longest}")
     for name, value, count in (("layer", layer, n_layers), ("head", head, n_heads)):
         if value is not None and not 0 <= value < count:
             raise MtError(f"--{name} {value + 1} is out of range: the model has {count} {name}s (1 to {count})")
@@ -84,11 +91,27 @@ def training_figure(run_dirs: Sequence[Path]):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when a run has no records of this kind
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+def save(fig, path: Path) -> Path:
+    """Writes `fig` to `path` (a PNG when it has no suffix) and returns the path written.
+
+    Raises:
+        MtError: for a folder, or a suffix that names no format matplotlib writes.
+    """
+    try:
+        if path.is_dir():
+            raise MtError(f"{path} is a folder; give a file name, e.g. {path / 'figure.png'}")
+        path = path if path.suffix else path.with_suffix(".png")
+        formats = fig.canvas.get_supported_filetypes()
+        if path.suffix[1:].lower() not in formats:
+            raise MtError(f"cannot draw {path}: matplotlib writes {', '.join(sorted(formats))}, not "
+                          f"{path.suffix[1:]}")
+        fig.savefig(path, dpi=110)
+        return path
+    finally:
+        _pyplot().close(fig)

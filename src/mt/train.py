@@ -113,9 +113,14 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         checkpoint.remove_partial_files(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if not (run_dir / checkpoint.CONFIG).is_file():  # never delete a folder mt did not make
+            raise MtError(f"{run_dir} exists and is not a run folder (no {checkpoint.CONFIG}); choose another "
+                          "name with --set name=NEW or another runs_dir")
+        if any(run_dir.glob("*.pt")) and not overwrite:
             raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
                           "start it again, or choose another name with --set name=NEW")
+        if not overwrite:
+            log.info("%s holds no checkpoint (an earlier start stopped before its first): starting it again", run_dir)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -142,6 +147,8 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)
     valid = load_corpus(valid_files)
+    if len(valid) == 0:
+        raise DataError(f"validation corpus {valid_files.name} is empty")
     if data.normalize:
         valid = valid.map(_normalize_source, batched=True)
     tokenizer_path = run_dir / checkpoint.TOKENIZER

@@ -19,8 +19,8 @@ from mt import checkpoint
 from mt.attention import fast_kernels
 from mt.config import Config, DecodeConfig, load_config
 from mt.data import collate, normalize_text
-from mt.devices import autocast, autocast_dtype
-from mt.errors import CheckpointError
+from mt.devices import autocast, autocast_dtype, pick_device
+from mt.errors import CheckpointError, ConfigError
 from mt.model import Transformer
 from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
@@ -101,6 +101,8 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
     cores (scripts/decode_levers.py, BENCHMARKS.md). Each batch runs whole in one thread, so its translations
     do not depend on which stream takes it, or when.
     """
+    if not batches:
+        return
     threads = torch.get_num_threads()
 
     def start() -> None:  # in each worker thread
@@ -137,11 +139,7 @@ class Translator:
         Raises:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
         """
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"run folder not found: {run_dir}")
-        if not (run_dir / checkpoint.CONFIG).is_file():
-            raise CheckpointError(f"{run_dir} is not a run folder: it has no {checkpoint.CONFIG}")
+        run_dir = checkpoint.check_run(Path(run_dir))
         config = load_config(run_dir / checkpoint.CONFIG)
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
         path = run_dir / (weights or checkpoint.BEST)
@@ -154,9 +152,7 @@ class Translator:
         except RuntimeError as e:
             raise CheckpointError(f"{path} does not match the model in {run_dir / checkpoint.CONFIG}: "
                                   f"{str(e).splitlines()[0]}") from None
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = pick_device(device, "--device")
         return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device))
 
     def translate(self, texts: Sequence[str], beam_size: int | None = None,
@@ -173,6 +169,9 @@ class Translator:
         decode = self.config.decode
         if beam_size is not None:
             decode = replace(decode, beam_size=beam_size)
+        if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step keeps the 2 × beam best extensions
+            raise ConfigError(f"beam size {decode.beam_size} is too large for this model's vocabulary of "
+                              f"{self.tokenizer.vocab_size} pieces: at most {self.tokenizer.vocab_size // 2}")
         if length_penalty is not None:
             decode = replace(decode, length_penalty=length_penalty)
         sources = self.encode(texts)
@@ -188,9 +187,11 @@ class Translator:
         return outputs
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of input texts, normalised the way the training data was."""
+        """Token ids of input texts, normalised the way the training data was, and cut to the longest source
+        the model takes (`model.max_positions`, less EOS)."""
         clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
-        return self.tokenizer.encode([clean(t) for t in texts])
+        limit = self.config.model.max_positions - 1
+        return [ids[:limit] for ids in self.tokenizer.encode([clean(t) for t in texts])]
 
     @torch.no_grad()
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:

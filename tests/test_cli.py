@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, write_pair
 from mt.cli import app
+from mt.tokenizer import Tokenizer
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -337,6 +338,16 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     shutil.copytree(trained / "runs" / "tiny", "broken")
     Path("broken/tokenizer.model").unlink()
     one_line_error(run("translate", "--run", "broken", "Un chat."), r"tokenizer not found: broken/tokenizer\.model")
+    shutil.copytree(trained / "runs" / "tiny", "swapped")
+    Tokenizer.train([f"phrase {i} mot{i}" for i in range(300)], 100).save(Path("swapped/tokenizer.model"))
+    one_line_error(run("translate", "--run", "swapped", "Un chat."),
+                   r"swapped/best\.pt was trained with a vocabulary of 600 pieces, but swapped/tokenizer\.model "
+                   r"has 100: the tokenizer is not the run's own")
+    shutil.copytree(trained / "runs" / "tiny", "edited")
+    config = Path("edited/config.yaml")
+    config.write_text(config.read_text().replace("encoder_layers: 2", "encoder_layers: 3"))
+    one_line_error(run("translate", "--run", "edited", "Un chat."), r"edited/best\.pt does not match the model "
+                   r"that edited/config\.yaml describes \(was its model section edited\?\): Missing key\(s\)")
     shutil.copytree(trained / "runs" / "tiny", "empty")
     for name in Path("empty").glob("*.pt"):
         name.unlink()
@@ -360,9 +371,13 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["average", "--run", "nope"], None, r"run folder not found: nope"),
         (["tune", "--penalties", "nan"], None, r"length penalties finite numbers >= 0"),
         (["eval", "--src", "e.fr", "--ref", "e.en"], None, r"test set e\.fr \| e\.en is empty"),
+        (["bench", "--config", TINY, "--run", "runs/tiny", "--test", "multi30k:typo"], None,
+         r"corpus multi30k:typo not found"),
+        (["train", "--config", TINY, "--set", "train.lr.x=1"], None, r"train\.lr is a value, not a section"),
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin",
-         "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty"],
+         "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty",
+         "bench-test-typo-before-training", "override-below-a-value"],
 )
 def test_bad_requests_to_a_trained_run(trained, monkeypatch, args, stdin, pattern):
     monkeypatch.chdir(trained)

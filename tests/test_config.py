@@ -57,6 +57,9 @@ def test_misspelt_section(tmp_path):
         ("train:\n  seed: -5\n", r"train\.seed must be >= 0"),
         ("model:\n  max_positions: 16\n", r"model\.max_positions \(16\) must exceed data\.max_tokens \(128\)"),
         ("name: ..\n", r"name must be a folder name"),
+        ("name: 2024\n", r"name must be a non-empty string \(quote it"),
+        ("model:\n  d_model: 32\nmodel:\n  heads: 2\n", r"c\.yaml: not valid YAML: key 'model' appears twice in "
+         r"\"\S*c\.yaml\", line 3"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(tmp_path, text, message):

@@ -173,6 +173,9 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     """Measures everything listed in the module docstring and returns the table's rows; without `decode`,
     training alone (the run, if given, still lends its tokenizer)."""
     device = resolve_device(config)
+    if decode and run_dir is not None:  # a mistyped run or test set fails now, not after the training measurements
+        checkpoint.check_run(run_dir)
+        corpora.resolve(test or _default_test(config), config.data.src_lang, config.data.tgt_lang)
     amp = autocast_dtype(config, device)
     rows: list[Row] = []
     roof_dtype = amp or torch.float32

@@ -148,13 +148,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = _load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e).replace('<unicode string>', str(path))}") \
+                from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(loaded).__name__}")
         raw = loaded or {}
@@ -172,7 +173,7 @@ def apply_override(config: Config, override: str) -> Config:
     if not sep or not key.strip():
         raise ConfigError(f"{source}: expected KEY=VALUE, e.g. train.lr=3e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: value is not valid YAML: {_one_line(e)}") from None
     raw = config_to_dict(config)
@@ -180,14 +181,33 @@ def apply_override(config: Config, override: str) -> Config:
     parts = key.strip().split(".")
     for depth, part in enumerate(parts):
         prefix = ".".join(parts[:depth])
-        if not isinstance(node, dict) or part not in node:
-            choices = list(node) if isinstance(node, dict) else []
-            raise ConfigError(_unknown_key(source, prefix, part, choices))
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {prefix} is a value, not a section with keys")
+        if part not in node:
+            raise ConfigError(_unknown_key(source, prefix, part, list(node)))
         if depth == len(parts) - 1:
             node[part] = value
         else:
             node = node[part]
     return _build(Config, raw, "", source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -301,6 +321,8 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         if not math.isfinite(value):
             fail("a finite number")
     elif hint is str:
+        if isinstance(value, bool | int | float):  # YAML reads 2024, no, off... as numbers and booleans
+            fail("a non-empty string (quote it: YAML reads some words and numbers as other types)")
         if not isinstance(value, str) or not value:
             fail("a non-empty string")
     elif isinstance(hint, types.UnionType):

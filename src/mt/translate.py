@@ -146,12 +146,18 @@ class Translator:
         if weights is None and not path.is_file():
             path = run_dir / checkpoint.LAST
         state = checkpoint.load(path)
+        embed = state["model"].get("embed.weight")
+        if embed is not None and embed.shape[0] != tokenizer.vocab_size:
+            raise CheckpointError(f"{path} was trained with a vocabulary of {embed.shape[0]} pieces, but "
+                                  f"{run_dir / checkpoint.TOKENIZER} has {tokenizer.vocab_size}: the tokenizer is "
+                                  "not the run's own")
         model = Transformer(config.model, tokenizer.vocab_size)
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not match the model in {run_dir / checkpoint.CONFIG}: "
-                                  f"{str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # torch's message: a header line, then one line per kind of mismatch
+            detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise CheckpointError(f"{path} does not match the model that {run_dir / checkpoint.CONFIG} describes "
+                                  f"(was its model section edited?): {detail[:300]}") from None
         device = pick_device(device, "--device")
         return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device))
 

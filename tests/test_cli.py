@@ -147,8 +147,9 @@ def test_a_folder_that_is_no_run_is_never_deleted(tmp_path, monkeypatch, overwri
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "photos").mkdir(parents=True)
     (tmp_path / "runs" / "photos" / "precious.jpg").write_text("keep me")
+    (tmp_path / "runs" / "photos" / "config.yaml").write_text("camera: true\n")  # a common name: not proof
     one_line_error(run("train", "--config", TINY, "--set", "name=photos", *overwrite),
-                   r"runs/photos exists and is not a run folder \(no config\.yaml\)")
+                   r"runs/photos exists and holds files mt did not write \(precious\.jpg\)")
     assert (tmp_path / "runs" / "photos" / "precious.jpg").is_file()
 
 
@@ -160,12 +161,14 @@ def test_run_name_must_be_a_folder_name(tmp_path, monkeypatch, name):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_start_that_failed_before_its_first_checkpoint_starts_again(in_tmp):
+def test_a_start_that_failed_early_says_so_and_overwrite_clears_it(in_tmp):
     one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"), r"nope\.fr")
     assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left
-    result = run("train", "--config", TINY, "--set", "train.max_steps=2", "--set", "train.valid_every=2")
+    one_line_error(run("train", "--config", TINY), r"runs/tiny already exists \(it holds no checkpoint: an "
+                                                   r"earlier start stopped early\); pass --resume .* --overwrite")
+    result = run("train", "--config", TINY, "--set", "train.max_steps=2", "--set", "train.valid_every=2",
+                 "--overwrite")
     assert result.exit_code == 0, result.output
-    assert "holds no checkpoint" in result.stderr
 
 
 def test_real_process_shows_no_traceback(tmp_path):

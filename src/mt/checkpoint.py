@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import logging
@@ -174,6 +175,14 @@ _NUMBERS = ("train_loss", "valid_loss", "valid_bleu", "lr", "tokens_per_s", "sec
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The names in `run_dir` that `mt` does not write there: a folder holding any is not deleted."""
+    ours = {CONFIG, TOKENIZER, LAST, BEST, AVERAGED, METRICS, DATA_STATS, LOG, CACHE, "eval", "tensorboard"}
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in ours and not fnmatch.fnmatch(p.name, "step_*.pt")
+                  and not fnmatch.fnmatch(p.name, ".*.tmp") and not fnmatch.fnmatch(p.name, ".*.link"))
 
 
 def check_run(run_dir: Path) -> Path:

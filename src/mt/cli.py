@@ -67,9 +67,6 @@ def _errors_exit_2(command):
         except MtError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        except BrokenPipeError:  # `mt translate ... | head`: the reader has all it wants
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-            raise typer.Exit(0) from None
         except OSError as e:  # a full disk, a read-only folder: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}", err=True)
@@ -153,13 +150,17 @@ def translate(
 
     def emit(lines: list[str]) -> None:
         for line, options in zip(lines, translator.translate_nbest(lines, beam, nbest=nbest), strict=True):
-            if as_json:
-                typer.echo(json.dumps({"source": line, "translations": [
-                    {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
-            elif nbest > 1:
-                typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
-            else:
-                typer.echo(options[0].text)
+            try:
+                if as_json:
+                    typer.echo(json.dumps({"source": line, "translations": [
+                        {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
+                elif nbest > 1:
+                    typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
+                else:
+                    typer.echo(options[0].text)
+            except BrokenPipeError:  # `mt translate ... | head`: the reader has all it wants
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+                raise typer.Exit(0) from None
 
     if text is not None:
         emit([text])

@@ -29,9 +29,11 @@ CorpusList = str | dict[str, str] | list
 """One corpus spec or a list of them, each optionally repeated: `multi30k:train*3` or `{..., repeat: 3}`."""
 
 
-def option(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """A config field with its help text (shown in the README's reference) and an allowed range."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max})
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           inf: bool = False) -> Any:
+    """A config field with its help text (shown in the README's reference), an allowed range, and whether
+    `.inf` is a meaningful value of it (NaN never is)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "inf": inf})
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class DataConfig:
     tgt_lang: str = option("en", "file suffix of the target side")
     max_pairs: int = option(0, "use only the first N training pairs (0 = all)", min=0)
     max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1)
-    max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this", min=1.0)
+    max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this (.inf = keep all)",
+                              min=1.0, inf=True)
     normalize: bool = option(True, "NFC, whitespace, apostrophes and quotes normalised (training data and input)")
     dedupe: bool = option(True, "remove exact duplicate training pairs (within each corpus)")
     workers: int = option(1, "processes that tokenize the training data (once per run; a resume reuses it)",
@@ -196,13 +199,15 @@ class _StrictLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
-        seen = set()
+        seen = []
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys given after it override it
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice",
                                                         key_node.start_mark)
-            seen.add(key)
+            seen.append(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -268,13 +273,6 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: model.heads ({config.heads}) must divide model.d_model ({config.d_model})")
     if cls is TrainConfig and not all(0 <= beta < 1 for beta in config.adam_betas):
         raise ConfigError(f"{source}: train.adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
-    if cls is Config:
-        if config.name in (".", "..") or any(c in config.name for c in "/\\"):
-            raise ConfigError(f"{source}: name must be a folder name, without '/' and not '.' or '..' (the run "
-                              f"folder is runs_dir/name), got {config.name!r}")
-        if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
-            raise ConfigError(f"{source}: model.max_positions ({config.model.max_positions}) must exceed "
-                              f"data.max_tokens ({config.data.max_tokens}): sentences get an EOS or BOS token")
     return config
 
 
@@ -318,7 +316,9 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail("a number")
         value = float(value)
-        if not math.isfinite(value):
+        if math.isnan(value):
+            fail("a number, not NaN")
+        if math.isinf(value) and not meta.get("inf"):
             fail("a finite number")
     elif hint is str:
         if isinstance(value, bool | int | float):  # YAML reads 2024, no, off... as numbers and booleans

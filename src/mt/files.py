@@ -3,6 +3,7 @@ and the error names the file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mt.errors import MtError
+
+_UMASK = os.umask(0o022)  # read once, at import (setting and restoring it is not thread-safe)
+os.umask(_UMASK)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -25,8 +29,9 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise MtError(f"cannot write {path}: {e.strerror}") from None
+    with contextlib.suppress(OSError):  # mkstemp makes it private; give it the permissions open() gives
+        os.fchmod(fd, 0o666 & ~_UMASK)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the permissions open() gives
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -43,12 +48,6 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def write_bytes(path: Path, data: bytes) -> None:
     """`data` written to `path` by `write_atomically`."""
     write_atomically(path, lambda f: f.write(data))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def free_mib(folder: Path) -> float:

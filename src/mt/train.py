@@ -99,8 +99,10 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     """Creates (or, with `overwrite`, empties) the run folder, or checks it for `resume`.
 
     Raises:
-        MtError: if the folder exists and neither flag says what to do with it.
+        MtError: if the folder exists and neither flag says what to do with it, if it holds files mt did not
+            write, or if the name is not a folder name.
     """
+    check_trainable(config)
     run_dir = config.run_dir
     if resume:
         if not (run_dir / checkpoint.CONFIG).is_file():
@@ -113,17 +115,32 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         checkpoint.remove_partial_files(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / checkpoint.CONFIG).is_file():  # never delete a folder mt did not make
-            raise MtError(f"{run_dir} exists and is not a run folder (no {checkpoint.CONFIG}); choose another "
-                          "name with --set name=NEW or another runs_dir")
-        if any(run_dir.glob("*.pt")) and not overwrite:
-            raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
-                          "start it again, or choose another name with --set name=NEW")
+        foreign = checkpoint.foreign_files(run_dir)
+        if foreign:  # never delete what mt did not write
+            raise MtError(f"{run_dir} exists and holds files mt did not write ({', '.join(foreign[:3])}); choose "
+                          "another name with --set name=NEW or another runs_dir")
         if not overwrite:
-            log.info("%s holds no checkpoint (an earlier start stopped before its first): starting it again", run_dir)
+            started = "" if any(run_dir.glob("*.pt")) else " (it holds no checkpoint: an earlier start stopped early)"
+            raise MtError(f"run folder {run_dir} already exists{started}; pass --resume to continue it, "
+                          "--overwrite to start it again, or choose another name with --set name=NEW")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def check_trainable(config: Config) -> None:
+    """What training needs of a config beyond what loading one checks (a saved run's config that fails here
+    still translates).
+
+    Raises:
+        ConfigError: for a run name that is not a folder name, or sentences longer than the model's positions.
+    """
+    if config.name in (".", "..") or any(c in config.name for c in "/\\"):
+        raise ConfigError(f"name must be a folder name, without '/' and not '.' or '..' (the run folder is "
+                          f"runs_dir/name), got {config.name!r}")
+    if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
+        raise ConfigError(f"model.max_positions ({config.model.max_positions}) must exceed data.max_tokens "
+                          f"({config.data.max_tokens}): sentences get an EOS or BOS token")
 
 
 def prepare_data(config: Config, run_dir: Path) -> PreparedData:

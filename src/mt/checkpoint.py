@@ -160,8 +160,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if isinstance(record, dict) and all(_is_number(record.get(key, 0)) for key in ("step", *_NUMBERS)) \
-                and "step" in record:
+        if isinstance(record, dict) and _is_number(record.get("step")) \
+                and all(_is_number(record[key]) for key in _NUMBERS if key in record):
             records.append(record)
         else:
             skipped.append(number)

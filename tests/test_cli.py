@@ -388,6 +388,17 @@ def test_bad_requests_to_a_trained_run(trained, monkeypatch, args, stdin, patter
     one_line_error(run(*args, input=stdin), pattern)
 
 
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_a_read_only_run_fails_before_decoding(trained, monkeypatch, command):
+    import mt.evaluate
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setattr(mt.evaluate.os, "access", lambda path, mode: mode != os.W_OK)  # a read-only mount
+    monkeypatch.setattr(mt.evaluate, "tune_decoding", lambda *a: pytest.fail("decoded first"))
+    monkeypatch.setattr("mt.translate.Translator.translate_nbest", lambda *a, **k: pytest.fail("decoded first"))
+    one_line_error(run(command, "--run", "runs/tiny"), r"cannot write to runs/tiny\S*: it is read-only")
+
+
 def test_empty_input_and_crlf_lines_translate(trained, monkeypatch):
     monkeypatch.chdir(trained)
     Path("empty.fr").write_text("")

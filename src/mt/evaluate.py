@@ -6,6 +6,7 @@ Scores are computed on detokenized text against one reference per sentence, sacr
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt.errors import DataError
+from mt.errors import DataError, MtError
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ def tune_decoding(translator, sources: Sequence[str], references: Sequence[str],
     return sorted(results, key=lambda r: r["bleu"], reverse=True)
 
 
+def _check_writable(folder: Path) -> None:
+    if not os.access(folder, os.W_OK):  # a read-only file system or folder
+        raise MtError(f"cannot write to {folder}: it is read-only; copy the run somewhere writable")
+
+
 def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], device: str = "auto",
              weights: str | None = None, streams: int | None = None) -> list[dict]:
     """Chooses the beam size and length penalty with the best BLEU on the run's validation set and stores
@@ -66,6 +72,7 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
     from mt.data import read_corpus
     from mt.translate import Translator
 
+    _check_writable(Path(run_dir))  # before the decoding, not after it
     translator = Translator.load(run_dir, device=device, weights=weights)
     config = translator.config
     if streams is not None:
@@ -101,6 +108,7 @@ def evaluate_run(
     beam = beam_size or translator.config.decode.beam_size
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
+    _check_writable(out_dir)
     test_sets, stems = [], set()
     for spec in tests or [data.test]:  # every test set read before any is translated: a typo fails at once
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)

@@ -1,5 +1,5 @@
-# Sourced by scripts/gpu_check.sh and scripts/gpu_levers.sh on the lent GPU machine: installs the carried
-# wheels, sets the environment, and defines `limit` and `step`. Expects $budget (seconds for the whole script).
+# Sourced by scripts/gpu_check.sh on the lent GPU machine: installs the carried wheels, sets the environment,
+# and defines `limit`, `step` and `machine`. Expects $budget (seconds for the whole script).
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 """Times training and decoding under four sets of `scaled_dot_product_attention` kernels, side by side in
 one process: torch's own choice (on Hopper GPUs since torch 2.9, cuDNN first), mt's (`mt.attention.fast_kernels`:
 every kernel but cuDNN's on CUDA, the math kernel on the CPU), mt's with the memory-efficient kernel tried
-before flash, and the math kernel alone (the last two on CUDA; the same as mt's elsewhere).
+before flash (`train.attention: efficient`; on the CPU, flash), and the math kernel alone (`math`).
 
 cuDNN builds an execution graph for each new shape. Training batches are cut afresh every epoch, so each
 round here draws new batches (the next epoch's seed), as training does; all settings see the same batches in
@@ -28,7 +28,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt import corpora
 from mt.attention import fast_kernels
@@ -51,33 +50,17 @@ from mt.model import Transformer
 from mt.train import loss_fn
 from mt.translate import Translator, translate_ids
 
-
-def efficient_first(device: torch.device) -> contextlib.AbstractContextManager:
-    """mt's kernels with the memory-efficient kernel tried before flash. On the H100 the flash kernel's
-    backward pass took 1.15 ms a call on the decoder's short causal self-attention, the memory-efficient
-    kernel's 0.39 ms on the masked ones (BENCHMARKS.md, "GPU speed"): a candidate, not yet measured."""
-    if device.type != "cuda":
-        return fast_kernels(device)
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
-                       set_priority=True)
-
-
-def math_only(device: torch.device) -> contextlib.AbstractContextManager:
-    """The math kernel alone: batched matrix products and a softmax, as on the CPU. The fused kernels work in
-    tiles of 64 or 128 positions, and a sentence is a few dozen tokens; on the H100 attention's backward pass
-    took 11.6 ms of a 62 ms step (BENCHMARKS.md, "GPU speed"): a candidate, not yet measured."""
-    if device.type != "cuda":
-        return fast_kernels(device)
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 SETTINGS_MT = "mt (fast_kernels)"
-# name: the kernel choice that replaces mt's in training and decoding (None: mt's own)
+# name: the kernel choice that replaces mt's in training and decoding (None: mt's own). On the H100 the flash
+# kernel's backward pass took 1.15 ms a call on the decoder's short causal self-attention, the memory-efficient
+# kernel's 0.39 ms on the masked ones, and attention's backward 11.6 ms of a 62 ms step; the fused kernels work
+# in tiles of 64 or 128 positions, and a sentence is a few dozen tokens (BENCHMARKS.md, "GPU speed"). The
+# last two are `train.attention: efficient` and `math`; on the CPU, `efficient` means flash.
 SETTINGS = {
     "torch's choice": lambda device: contextlib.nullcontext(),
     SETTINGS_MT: None,
-    "memory-efficient first": efficient_first,
-    "math only": math_only,
+    "memory-efficient first": partial(fast_kernels, first="efficient"),
+    "math only": partial(fast_kernels, first="math"),
 }
 
 
@@ -86,7 +69,7 @@ def kernels(choice) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if choice is not None:
         for where in ("mt.train.fast_kernels", "mt.translate.fast_kernels"):
-            stack.enter_context(mock.patch(where, choice))
+            stack.enter_context(mock.patch(where, lambda device, first="auto": choice(device)))
     return stack
 
 

@@ -3,9 +3,12 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend
 
+from conftest import ROOT
 from mt import attention
 from mt.attention import KVCache, MultiHeadAttention
+from mt.config import load_config
 from mt.masks import causal_mask, padding_mask
 
 torch.manual_seed(0)
@@ -150,10 +153,34 @@ def test_softmax_equals_torch_and_passes_gradients(length):
 
 def test_fast_kernels_leave_out_cudnn_on_cuda_and_restore_the_settings():
     cuda = torch.backends.cuda
-    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+              torch._C._get_sdp_priority_order())
     with attention.fast_kernels(torch.device("cuda")):
         assert not cuda.cudnn_sdp_enabled()
         assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
-    with attention.fast_kernels(torch.device("cpu")):
-        assert cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled()
-    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before
+        assert torch._C._get_sdp_priority_order()[:3] == [int(b) for b in attention.KERNEL_ORDER["flash"]]
+    with attention.fast_kernels(torch.device("cuda"), "efficient"):
+        assert not cuda.cudnn_sdp_enabled() and cuda.flash_sdp_enabled()
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+    for device, first in (("cpu", "auto"), ("cuda", "math")):
+        with attention.fast_kernels(torch.device(device), first):
+            assert cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled() and not cuda.mem_efficient_sdp_enabled()
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            torch._C._get_sdp_priority_order()) == before
+
+
+@pytest.mark.parametrize(("first", "kernel"), [("auto", "math"), ("math", "math"), ("flash", "flash"),
+                                               ("efficient", "flash")])
+def test_train_attention_runs_the_kernel_it_names_on_the_cpu(first, kernel):
+    """`train.attention` reaches the kernel; the CPU has no memory-efficient kernel, so
+    flash comes next."""
+    from mt.data import collate
+    from mt.model import Transformer
+    from mt.train import loss_fn
+
+    model = Transformer(load_config(ROOT / "configs" / "tiny.yaml").model, 30)
+    batch = collate([[5, 6, 7], [5, 6, 7, 8, 9, 10]], [[8, 9], [4, 5, 6, 7, 8]])
+    with torch.profiler.profile() as prof:
+        loss_fn(model, batch, 0.1, first)[0].backward()
+    ran = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    assert ran and all(kernel in name for name in ran), ran

@@ -471,6 +471,16 @@ def test_bench_no_decode_measures_training_alone(trained, monkeypatch, data_path
     assert "greedy" not in result.stdout and "decoding" not in result.stdout
 
 
+def test_bench_no_reference_compares_settings_of_our_model_alone(trained, monkeypatch, data_path):
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode", "--no-reference",
+                 "--set", "train.attention=flash")
+    assert result.exit_code == 0, result.output
+    assert "train ours: MFU" in result.stdout and "flash attention first" in result.stdout
+    assert "nn.Transformer" not in result.stdout
+
+
 def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):
     monkeypatch.chdir(trained)
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))

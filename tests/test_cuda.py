@@ -47,6 +47,30 @@ def test_bf16_training_step_on_cuda():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] / 2
 
 
+@pytest.mark.parametrize("first", ["efficient", "math"])
+def test_every_attention_kernel_order_computes_the_same_loss_and_gradients_on_cuda(first):
+    """`train.attention`, against the default order: in fp32 (where flash cannot run, so against the
+    memory-efficient kernel) the same loss and gradients; in bf16 (flash) the same loss. bf16 gradients are not
+    compared: on a few tokens rounding flips ReLU units, and with them whole rows of a gradient."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, heads=4, encoder_layers=2, decoder_layers=2, d_ff=128,
+                                    dropout=0.0), 100).to(CUDA)
+    batch = collate([[5, 6, 7, 8, 9, 10, 11], [9, 10]], [[11, 12], [13, 14, 15, 16, 17]]).to(CUDA)
+    for amp in (False, True):
+        results = []
+        for order in ("auto", first):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss, _ = loss_fn(model, batch, 0.1, order)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad(set_to_none=True)
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-3 if amp else 1e-5, atol=0)
+        if not amp:
+            for a, b in zip(grads_a, grads_b, strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_training_step_never_waits_for_the_gpu():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=64, heads=4, encoder_layers=2, decoder_layers=2, d_ff=128), 100).to(CUDA)

@@ -175,14 +175,28 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)
 
 
+def test_train_attention_reaches_every_training_and_validation_step(in_tmp, monkeypatch):
+    import mt.train
+
+    asked, real = [], mt.train.fast_kernels
+
+    def fast_kernels(device, first="auto"):
+        asked.append(first)
+        return real(device, first)
+
+    monkeypatch.setattr(mt.train, "fast_kernels", fast_kernels)
+    train(load_config(TINY, [*short("kernels", 10), "train.attention=efficient"]), show_progress=False)
+    assert len(asked) > 10 and set(asked) == {"efficient"}  # 10 steps and the validation batches
+
+
 def poison_training_steps(monkeypatch, steps):
     """Makes the loss NaN at these training steps (1-based; validation passes are left alone)."""
     import mt.train
 
     real_loss, calls = mt.train.loss_fn, {"n": 0}
 
-    def loss_fn(model, batch, smoothing):
-        loss, nll = real_loss(model, batch, smoothing)
+    def loss_fn(model, batch, smoothing, attention="auto"):
+        loss, nll = real_loss(model, batch, smoothing, attention)
         if not model.training:
             return loss, nll
         calls["n"] += 1

@@ -129,23 +129,33 @@ def moved_rows(index: torch.Tensor) -> torch.Tensor:
     return (index != torch.arange(index.numel(), device=index.device)).nonzero()[:, 0]
 
 
-def fast_kernels(device: torch.device) -> contextlib.AbstractContextManager:
-    """The fastest `scaled_dot_product_attention` kernels for translation-length sequences on `device`.
+KERNEL_ORDER = {  # `train.attention`: the kernel tried first, then the others where it cannot run
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+    "math": [SDPBackend.MATH],
+}
+
+
+def fast_kernels(device: torch.device, first: str = "auto") -> contextlib.AbstractContextManager:
+    """The `scaled_dot_product_attention` kernels to use on `device`, `first` tried first (`train.attention`);
+    `auto` picks the fastest measured for translation-length sequences.
 
     On the CPU, the plain (math) kernel beats the flash kernel on sentences of a few dozen tokens: in
     training its backward pass is a few batched matrix products (a step 1.26x faster, scripts/profile_step.py).
     (A decoding step's attention to the cache does not go through this kernel: see `cached_attention`.)
+    The CPU has no memory-efficient kernel: `efficient` means flash, else math, there.
 
-    On CUDA, every kernel but cuDNN's. Since torch 2.9 cuDNN comes first on Hopper GPUs, and it builds an
-    execution graph for each new shape of its inputs, while length-bucketed batches and decoding steps bring
-    new shapes all the time: on an H100, 5.7 ms of host time per attention call, and training 13.7x slower
-    than with these kernels (scripts/sdpa_backends.py, BENCHMARKS.md "GPU speed").
+    On CUDA, flash first (it takes no padding mask: masked attention falls to the memory-efficient kernel),
+    and never cuDNN. Since torch 2.9 cuDNN comes first on Hopper GPUs, and it builds an execution graph for
+    each new shape of its inputs, while length-bucketed batches and decoding steps bring new shapes all the
+    time: on an H100, 5.7 ms of host time per attention call, and training 13.7x slower than with these
+    kernels (scripts/sdpa_backends.py, BENCHMARKS.md "GPU speed").
     """
-    if device.type == "cpu":
-        return sdpa_kernel([SDPBackend.MATH])
-    if device.type == "cuda":
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    return contextlib.nullcontext()
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    if first == "auto":
+        first = "math" if device.type == "cpu" else "flash"
+    return sdpa_kernel(KERNEL_ORDER[first], set_priority=True)
 
 
 def scaled_dot_product_attention(

@@ -131,6 +131,43 @@ def measure_training(
     return time.perf_counter() - start, len(done), done
 
 
+@dataclass
+class Training:
+    """Our model's training, as `train_ours` measured it."""
+
+    tokens: float  # target tokens per second
+    flops: float  # model FLOPs per second, real tokens only
+    real_share: float  # real (non-padding) share of the source and target tokens
+    peak: float  # bytes: peak RSS of the process on the CPU, peak allocated during the measurement on CUDA
+    steps: int
+    warmup: int
+
+
+def train_ours(config: Config, vocab: int, batches: list[Batch], seconds: float, device: torch.device) -> Training:
+    """Times updates of a fresh model on `batches` as `mt train` makes them: the config's precision, attention
+    kernels and compilation, fused AdamW. The model is freed before it returns."""
+    torch.manual_seed(config.train.seed)
+    model = Transformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mt.train does
+    master = MasterWeights(model) if config.train.precision == "bf16-weights" else None
+    trained = master.work if master else model
+    net = compiled(trained) if config.train.compile else trained
+    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1, config.train.attention)[0],
+                       autocast_dtype(config, device), device, master)
+    # Compiled, the warm-up runs the first COMPILED_WARMUP batches: a few batch sizes cross thresholds that
+    # torch.compile's generated code guards on, and each first crossing compiles again.
+    warmup = COMPILED_WARMUP if config.train.compile else 3
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elapsed, steps, done = measure_training(step, batches, seconds, device, warmup)
+    flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done)
+    result = Training(tokens=sum(b.target_tokens for b in done) / elapsed, flops=flops / elapsed,
+                      real_share=_real_share(done), peak=_peak_memory(device), steps=steps, warmup=warmup)
+    del model, master, trained, net, optimizer, step
+    _free(device)
+    return result
+
+
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss, amp: torch.dtype | None,
                 device: torch.device, master: MasterWeights | None = None) -> Callable[[Batch], None]:
     """One update of `model` on a batch, as `mt.train` makes it; with `master`, `model` is its bf16 copy."""
@@ -169,9 +206,10 @@ def _batch_lengths(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, sentences: int = 1000,
-                  test: str | None = None, rounds: int = 3, decode: bool = True) -> list[Row]:
+                  test: str | None = None, rounds: int = 3, decode: bool = True, reference: bool = True) -> list[Row]:
     """Measures everything listed in the module docstring and returns the table's rows; without `decode`,
-    training alone (the run, if given, still lends its tokenizer)."""
+    training alone (the run, if given, still lends its tokenizer); without `reference`, no `nn.Transformer`
+    (to compare settings of our own model quickly)."""
     device = resolve_device(config)
     if decode and run_dir is not None:  # a mistyped run or test set fails now, not after the training measurements
         checkpoint.check_run(run_dir)
@@ -197,34 +235,21 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     per_batch = int(np.mean([len(b) for b in index_batches]))
     shuffled = np.random.default_rng(config.train.seed).permutation(len(data.src_len))
     ref_batches = [table.batch(shuffled[i : i + per_batch])
-                   for i in range(0, min(len(shuffled), per_batch * n_batches), per_batch)]
+                   for i in range(0, min(len(shuffled), per_batch * n_batches), per_batch) if reference]
 
-    torch.manual_seed(config.train.seed)
-    model = Transformer(config.model, vocab).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mt.train does
-    master = MasterWeights(model) if config.train.precision == "bf16-weights" else None
-    trained = master.work if master else model
-    net = compiled(trained) if config.train.compile else trained
-    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1)[0], amp, device, master)
-    # Compiled, the warm-up runs the first COMPILED_WARMUP batches: a few batch sizes cross thresholds that
-    # torch.compile's generated code guards on, and each first crossing compiles again.
-    warmup = COMPILED_WARMUP if config.train.compile else 3
-    elapsed, steps, done = measure_training(step, ours_batches, seconds, device, warmup)
-    peak = _peak_memory(device)
-    ours_tokens = sum(b.target_tokens for b in done) / elapsed
-    flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done) / elapsed
+    ours = train_ours(config, vocab, ours_batches, seconds, device)
     rows += [
-        Row("train ours: target tokens/s", ours_tokens, "tok/s", f"{steps} steps, {config.train.batch_tokens} "
+        Row("train ours: target tokens/s", ours.tokens, "tok/s", f"{ours.steps} steps, {config.train.batch_tokens} "
             f"tokens/batch, {training_precision(config, amp)}"
-            f"{f', compiled, {warmup} warm-up steps' if config.train.compile else ''}"),
-        Row("train ours: real (non-pad) share", 100 * _real_share(done), "%", "source + target"),
-        Row("train ours: model FLOP/s", flops / scale, flop_unit),
-        Row("train ours: MFU", 100 * flops / roof, "%", "model FLOP/s ÷ roof"),
-        Row("train ours: peak memory", peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
+            f"{f', compiled, {ours.warmup} warm-up steps' if config.train.compile else ''}"
+            f"{f', {config.train.attention} attention first' if config.train.attention != 'auto' else ''}"),
+        Row("train ours: real (non-pad) share", 100 * ours.real_share, "%", "source + target"),
+        Row("train ours: model FLOP/s", ours.flops / scale, flop_unit),
+        Row("train ours: MFU", 100 * ours.flops / roof, "%", "model FLOP/s ÷ roof"),
+        Row("train ours: peak memory", ours.peak / 2**30, "GiB", "RSS" if device.type == "cpu" else "allocated"),
     ]
-    del model, master, trained, net, optimizer, step
-    _free(device)
-    rows += _reference_rows(config, vocab, ref_batches, per_batch, seconds, device, roof, ours_tokens)
+    if reference:
+        rows += _reference_rows(config, vocab, ref_batches, per_batch, seconds, device, roof, ours.tokens)
     if not decode:
         return rows
     if run_dir is None:

@@ -404,6 +404,8 @@ def bench(
     rounds: Annotated[int, typer.Option(min=1, help="Decoding rounds; each decoder's fastest counts.")] = 3,
     decode: Annotated[bool, typer.Option(help="Measure decoding (needs a trained run; --no-decode measures "
                                          "training alone).")] = True,
+    reference: Annotated[bool, typer.Option(help="Train the nn.Transformer reference (--no-reference: our model "
+                                            "alone, to compare settings quickly).")] = True,
     runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Measure speed side by side: matmul roof, training (ours vs nn.Transformer), decoding (cache vs
@@ -424,7 +426,7 @@ def bench(
         except CheckpointError:
             run = None
     typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test,
-                                           rounds=rounds, decode=decode)))
+                                           rounds=rounds, decode=decode, reference=reference)))
 
 
 def _corpus_arg(text: str) -> str | dict[str, str]:

@@ -99,6 +99,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding); "
         "bf16-weights = train a bf16 copy of the model, fp32 master weights in the optimizer")
+    attention: Literal["auto", "flash", "efficient", "math"] = option(
+        "auto", "scaled_dot_product_attention kernel tried first in training (the others follow where it cannot "
+        "run): auto = math on the CPU, flash on CUDA; never cuDNN")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
                                       "'mt[tensorboard]')")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)

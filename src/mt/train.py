@@ -217,13 +217,15 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, dynamic=True)
 
 
-def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens.
+def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float,
+            attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens, with
+    `attention` kernels first (`train.attention`).
 
     `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so
     that DDP sees the forward pass.
     """
-    with fast_kernels(batch.src.device):
+    with fast_kernels(batch.src.device, attention):
         logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only real positions
     return SmoothedCrossEntropy.apply(logits, batch.tgt_out.flatten().index_select(0, batch.real), label_smoothing)
 
@@ -273,7 +275,7 @@ def validate(model: Transformer, data: PreparedData, config: Config, device: tor
         chunk = order[start : start + 64]
         batch = collate([src_ids[i] for i in chunk], [tgt_ids[i] for i in chunk]).to(device)
         with autocast(device, amp):
-            _, nll = loss_fn(model, batch, 0.0)
+            _, nll = loss_fn(model, batch, 0.0, config.train.attention)
         total_nll += float(nll)
         total_tokens += batch.target_tokens
     n = config.train.valid_sentences or len(src_ids)
@@ -535,7 +537,7 @@ class Trainer:
                 last = i == len(batches) - 1
                 sync = self.net.no_sync() if self.ctx.active and not last else contextlib.nullcontext()
                 with sync, autocast(self.device, None if self.master else self.amp):
-                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
+                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing, tc.attention)
                 (loss * scale).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError:

@@ -12,9 +12,11 @@ from conftest import write_pair
 from mt import corpora
 from mt.corpora import CorpusFiles
 from mt.data import (
+    Layout,
     ListColumn,
     PairTable,
     _cut,
+    batch_layout,
     collate,
     filter_pairs,
     load_corpus,
@@ -135,7 +137,7 @@ def test_batches_cover_every_pair_once_within_budget():
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))
 
 
-def test_large_batches_pad_less_than_sorting_by_exact_target_length():
+def test_large_batches_pad_less_than_sorting_by_target_length_buckets():
     rng = np.random.default_rng(1)  # lengths as in a small corpus: many pairs per target length
     tgt_len = np.clip(rng.normal(14, 5, 5000).round(), 2, 60).astype(int)
     src_len = np.clip((tgt_len * rng.normal(1.15, 0.2, 5000)).round(), 1, 80).astype(int)
@@ -143,7 +145,12 @@ def test_large_batches_pad_less_than_sorting_by_exact_target_length():
     assert sorted(np.concatenate(batches).tolist()) == list(range(5000))
     padded = sum(len(b) * int(src_len[b].max() + tgt_len[b].max() + 2) for b in batches)
     _, exact = _cut(np.lexsort((src_len, tgt_len)), src_len, tgt_len, 20_000)
-    assert padded < 0.95 * exact
+    buckets = min(_cut(np.lexsort((src_len, tgt_len // w)), src_len, tgt_len, 20_000)[1] for w in (1, 2, 3, 4, 6))
+    assert padded < 0.95 * exact and padded < 0.98 * buckets  # 0.969 of the best bucket width
+    layout = batch_layout(src_len, tgt_len, 20_000, seed=0)
+    assert layout == Layout("longer", 1)  # each batch is a sixth of the corpus: many lengths
+    again = make_batches(src_len, tgt_len, batch_tokens=20_000, seed=0, layout=layout)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
 
 
 def test_collate_adds_bos_eos_and_pads():

@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -337,36 +338,55 @@ class Batch:
         return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
 
 
-BUCKET_WIDTHS = (1, 2, 3, 4, 6)  # target-length bucket widths that make_batches tries
+@dataclass(frozen=True)
+class Layout:
+    """How `make_batches` sorts pairs before cutting batches: by target length (`target`), or by the longer
+    side's length (`longer`), rounded down to a multiple of `width`; then by the other length (the source's for
+    `target`, the target's for `longer`), which runs up and down in turn from bucket to bucket."""
+
+    order: Literal["target", "longer"]
+    width: int
+
+
+LAYOUTS = tuple(Layout(order, width) for order in ("target", "longer") for width in (1, 2, 3, 4, 6))
 
 
 def make_batches(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int,
-                 width: int | None = None) -> list[np.ndarray]:
+                 layout: Layout | None = None) -> list[np.ndarray]:
     """Groups pair indices into batches of about `batch_tokens` padded tokens, in a seeded random order.
 
-    Pairs are sorted by target length rounded down to a multiple of a bucket width, then by source length (ties
-    broken at random), and cut into batches whose `size × (longest source + longest target + 2)` (EOS and BOS
-    included) fits the budget; the batches are shuffled. The width, from 1 to 6 tokens, is the one that leaves
-    the least padding (`bucket_width`) unless given: a wider target bucket holds more pairs, so the sources of a
-    batch can be closer in length. Large batches on a small corpus gain most (`mt bench` prints the share of
-    real tokens).
+    Pairs are sorted by their `layout` (ties broken at random) and cut into batches whose
+    `size × (longest source + longest target + 2)` (EOS and BOS included) fits the budget; the batches are
+    shuffled. The layout is the one of `LAYOUTS` that leaves the least padding (`batch_layout`) unless given.
+    Wider buckets hold more pairs, so the other side's lengths in a batch can be closer; a batch that takes a
+    large share of a small corpus spans many lengths, and sorting by the longer side then suits it best
+    (`mt bench` prints the share of real tokens).
     """
-    if width is None:
-        width = bucket_width(src_len, tgt_len, batch_tokens, seed)
+    layout = layout or batch_layout(src_len, tgt_len, batch_tokens, seed)
     rng = np.random.default_rng(seed)
-    noise = rng.permutation(len(src_len))  # as in bucket_width: same seed, same order
-    batches, _ = _cut(np.lexsort((noise, src_len, tgt_len // width)), src_len, tgt_len, batch_tokens)
+    noise = rng.permutation(len(src_len))  # as in batch_layout: same seed, same order
+    batches, _ = _cut(_sorted(src_len, tgt_len, layout, noise), src_len, tgt_len, batch_tokens)
     rng.shuffle(batches)
     return batches
 
 
-def bucket_width(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> int:
-    """The bucket width of `BUCKET_WIDTHS` that leaves `make_batches` the least padding with this seed: a
-    training run chooses it once, rather than trying every width each epoch."""
+def batch_layout(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int) -> Layout:
+    """The layout of `LAYOUTS` that leaves `make_batches` the least padding with this seed: a training run
+    chooses it once, rather than trying every layout each epoch."""
     noise = np.random.default_rng(seed).permutation(len(src_len))
-    padded = [_cut(np.lexsort((noise, src_len, tgt_len // w)), src_len, tgt_len, batch_tokens)[1]
-              for w in BUCKET_WIDTHS]
-    return BUCKET_WIDTHS[int(np.argmin(padded))]
+    padded = [_cut(_sorted(src_len, tgt_len, layout, noise), src_len, tgt_len, batch_tokens)[1]
+              for layout in LAYOUTS]
+    return LAYOUTS[int(np.argmin(padded))]
+
+
+def _sorted(src_len: np.ndarray, tgt_len: np.ndarray, layout: Layout, noise: np.ndarray) -> np.ndarray:
+    """Pair indices in `layout`'s order; `noise` (a permutation) breaks ties."""
+    if layout.order == "target":
+        bucket, other = tgt_len // layout.width, src_len
+    else:
+        bucket, other = np.maximum(src_len, tgt_len) // layout.width, tgt_len
+    # Up in even buckets, down in odd ones: a batch that straddles two buckets joins pairs of similar lengths.
+    return np.lexsort((noise, np.where(bucket % 2 == 0, other, -other), bucket))
 
 
 def _cut(order: np.ndarray, src_len: np.ndarray, tgt_len: np.ndarray,

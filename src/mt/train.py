@@ -32,7 +32,7 @@ from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
     Batch,
     PairTable,
-    bucket_width,
+    batch_layout,
     clean_pairs,
     collate,
     filter_pairs,
@@ -422,8 +422,8 @@ class Trainer:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
         self.nonfinite = _NonFinite(self.device, self.progress.nonfinite_in_a_row)
         self.rows = PairTable(self.data.train)
-        # Chosen once per run from the first epoch's order: trying every width costs five cuts of the corpus.
-        self.bucket_width = bucket_width(self.data.src_len, self.data.tgt_len, tc.batch_tokens, tc.seed)
+        # Chosen once per run from the first epoch's order: trying every layout costs ten cuts of the corpus.
+        self.layout = batch_layout(self.data.src_len, self.data.tgt_len, tc.batch_tokens, tc.seed)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -458,7 +458,7 @@ class Trainer:
         try:
             while not self.finished():
                 batches = make_batches(self.data.src_len, self.data.tgt_len, tc.batch_tokens, seed=tc.seed + p.epoch,
-                                       width=self.bucket_width)
+                                       layout=self.layout)
                 if len(batches) < self.per_step:
                     raise DataError(f"the training data makes {len(batches)} batches, fewer than the {self.per_step} "
                                     "an update takes (train.accumulate × ranks); lower train.accumulate or "

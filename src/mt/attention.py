@@ -7,6 +7,7 @@ Masks follow `mt.masks`: boolean, True where attention is allowed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mt.errors import ConfigError
 from mt.masks import causal_mask
 
 MIN_KEYS = 7
@@ -155,6 +157,11 @@ def fast_kernels(device: torch.device, first: str = "auto") -> contextlib.Abstra
         return contextlib.nullcontext()
     if first == "auto":
         first = "math" if device.type == "cpu" else "flash"
+    if first != "efficient":  # flash before memory-efficient is torch's own order
+        return sdpa_kernel(KERNEL_ORDER[first])
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        raise ConfigError(f"train.attention: efficient needs a newer torch than {torch.__version__}, whose "
+                          "sdpa_kernel can set the kernels' order (set_priority); use flash or math")
     return sdpa_kernel(KERNEL_ORDER[first], set_priority=True)
 
 

@@ -1,30 +1,34 @@
 """Times training of the config's model under several settings, one after the other in one process, on the same
 data and the same length-bucketed batches, as `mt bench` times ours: target tokens/s, the real share of the
-tokens, MFU against one roof measured at the start, peak memory, and each setting's ratio to the first.
+tokens, MFU against one roof measured at the start, peak memory, and each setting's ratio to the first one
+measured.
 
 A setting is a name and config overrides, "NAME: KEY=VALUE KEY=VALUE" ("NAME:" alone: the config as it is);
-only `train.` and `model.` keys, since all settings share one tokenizer. The first setting runs again at the
-end: its two runs show how much the machine drifted in between. Each setting compiles afresh
-(`torch._dynamo.reset()`), so none reuses another's graphs. A setting that fails (out of memory, say) gets a
-row that says why, and the others go on.
+only `train.` and `model.` keys, since all settings share one tokenizer. Once `--budget` seconds are spent, no
+new setting starts; the first setting then runs again, whatever the budget: its two runs show how much the
+machine drifted in between. Each setting compiles afresh (`torch._dynamo.reset()`): none reuses another's
+graphs, which also hold the attention kernels chosen when they were traced. A setting that fails (out of
+memory, say) gets a row that says why, and the others go on.
 
 `--best FILE` writes the overrides of the setting with the highest MFU so far to FILE, one KEY=VALUE per line,
 after each setting, for the next command (scripts/gpu_check.sh runs `mt bench` with them).
 
 Usage: MT_DATA_PATH=../shared/data python scripts/bench_levers.py --config configs/multi30k-gpu.yaml
-           --setting "eager:" --setting "math: train.attention=math" [--seconds 6] [--run RUN] [--best FILE]
+           --setting "eager:" --setting "math: train.attention=math" [--seconds 6] [--budget 240] [--run RUN]
+           [--best FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from mt.bench import Row, _device_name, format_table, matmul_roof, train_ours, training_data
+from mt.bench import Row, _device_name, _free, format_table, matmul_roof, train_ours, training_data
 from mt.config import Config, apply_override, load_config
 from mt.data import PairTable, make_batches
 from mt.devices import autocast_dtype, resolve_device, training_precision
@@ -51,7 +55,10 @@ def main() -> None:
     parser.add_argument("--setting", action="append", required=True, help="'NAME: KEY=VALUE ...' (repeatable)")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed training per setting")
     parser.add_argument("--best", type=Path, help="write the overrides of the setting with the highest MFU here")
+    parser.add_argument("--budget", type=float, default=math.inf,
+                        help="seconds after which no new setting starts (the first one's rerun still runs)")
     args = parser.parse_args()
+    start = time.perf_counter()
     base = load_config(args.config)
     try:
         settings = [parse_setting(text, base) for text in args.setting]
@@ -69,22 +76,27 @@ def main() -> None:
     data = training_data(base, args.run)
     vocab = data.tokenizer.vocab_size
     table = PairTable(data.train)
-    batches: dict[int, list] = {}  # batch_tokens: the epoch's first 400 batches, cut as mt bench cuts them
-    mfu: dict[str, float] = {}
+    batches: dict[tuple[int, int], list] = {}  # (batch_tokens, seed): the first 400 batches, as mt bench cuts them
+    mfu: dict[str, float] = {}  # of the settings measured, in order
+    best: tuple[float, str, list[str]] | None = None
     for name, overrides, config in [*settings, (f"{settings[0][0]}, again", *settings[0][1:])]:
+        if time.perf_counter() - start > args.budget and not name.endswith(", again"):
+            rows.append(Row(f"{name}: MFU", math.nan, "", f"skipped: {args.budget:.0f} s spent"))
+            continue
         tc = config.train
-        if tc.batch_tokens not in batches:
+        if (tc.batch_tokens, tc.seed) not in batches:
             index = make_batches(data.src_len, data.tgt_len, tc.batch_tokens, seed=tc.seed)
-            batches[tc.batch_tokens] = [table.batch(idx) for idx in index[:400]]
+            batches[tc.batch_tokens, tc.seed] = [table.batch(idx) for idx in index[:400]]
         torch._dynamo.reset()
         try:
-            ours = train_ours(config, vocab, batches[tc.batch_tokens], args.seconds, device)
+            ours = train_ours(config, vocab, batches[tc.batch_tokens, tc.seed], args.seconds, device)
         except Exception as e:  # a lever that breaks is a result too; the other settings still run
             traceback.print_exc()
             rows.append(Row(f"{name}: MFU", math.nan, "", f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            _free(device)
             continue
         mfu[name] = 100 * ours.flops / roof
-        first = mfu.get(settings[0][0], math.nan)
+        baseline = next(iter(mfu))  # the first setting measured
         rows += [
             Row(f"{name}: target tokens/s", ours.tokens, "tok/s",
                 f"{ours.steps} steps, {tc.batch_tokens} tokens/batch, {training_precision(config, amp)}, "
@@ -92,17 +104,16 @@ def main() -> None:
                 f"{' '.join(overrides) or 'the config as it is'}"),
             Row(f"{name}: MFU", mfu[name], "%", f"{ours.real_share:.1%} real tokens, "
                 f"peak {ours.peak / 2**30:.2f} GiB {'allocated' if device.type == 'cuda' else 'RSS so far'}"),
-            Row(f"{name}: MFU ÷ {settings[0][0]}'s", mfu[name] / first, "×"),
+            Row(f"{name}: MFU ÷ {baseline}'s", mfu[name] / mfu[baseline], "×"),
         ]
         print(format_table(rows[-3:]), flush=True)  # as it goes: a time limit may stop the script
-        best = max((value, name, overrides) for name, overrides, _ in settings if (value := mfu.get(name)))
-        if args.best:  # so far: also after a time limit
-            args.best.write_text("".join(f"{o}\n" for o in best[2]))
+        if not name.endswith(", again") and (best is None or mfu[name] > best[0]):
+            best = (mfu[name], name, overrides)
+            if args.best:  # so far: also after a time limit
+                args.best.write_text("".join(f"{o}\n" for o in overrides))
     print(f"\n{format_table(rows)}")
-    if mfu:
-        value, name, overrides = best
-        print(f"highest MFU: {name}, {value:.2f} %: {' '.join(overrides) or 'the config as it is'}")
-
+    if best is not None:
+        print(f"highest MFU: {best[1]}, {best[0]:.2f} %: {' '.join(best[2]) or 'the config as it is'}")
 
 if __name__ == "__main__":
     main()

@@ -9,9 +9,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MT_DATA_PATH="$PWD/data"
 
-limit() {  # the smaller of $1 seconds and what is left of the budget
-  local left=$((budget - SECONDS))
-  echo $(($1 < left ? $1 : (left > 1 ? left : 1)))
+limit() {  # the smaller of $1 seconds and what is left of the budget, at least 1
+  local left=$((budget - SECONDS)) want=$1
+  ((want < left)) || want=$left
+  echo $((want > 1 ? want : 1))
 }
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a time limit and says how long it took

@@ -69,6 +69,10 @@ def test_every_attention_kernel_order_computes_the_same_loss_and_gradients_on_cu
         if not amp:
             for a, b in zip(grads_a, grads_b, strict=True):
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with torch.profiler.profile() as prof, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_fn(model, batch, 0.1, first)
+    ran = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    assert ran and all(first in name for name in ran), ran  # the kernel named: ..._efficient_attention, ..._math
 
 
 def test_training_step_never_waits_for_the_gpu():

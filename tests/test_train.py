@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 from mt import checkpoint
 from mt.config import load_config
-from mt.data import collate
+from mt.data import LAYOUTS, Layout, collate
 from mt.devices import MasterWeights
 from mt.model import Transformer
 from mt.train import Trainer, inverse_sqrt_schedule, loss_fn, train
@@ -68,6 +68,26 @@ def test_resumed_run_ends_identical_to_a_straight_run(in_tmp):
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     a, b = (checkpoint.load(run / "last.pt")["model"] for run in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_keeps_the_batch_layout_it_started_with(in_tmp, monkeypatch, caplog):
+    import mt.train
+
+    run_dir = train(load_config(TINY, short("layout", 8)), show_progress=False)
+    state = checkpoint.load(run_dir / checkpoint.LAST)
+    assert state["progress"]["batch_layout"] in {f"{layout.order} {layout.width}" for layout in LAYOUTS}
+    state["progress"]["batch_layout"] = "target 6"  # as if the data had made that layout the best at the start
+    checkpoint.save(state, run_dir / checkpoint.LAST)
+    used, real = [], mt.train.make_batches
+    monkeypatch.setattr(mt.train, "make_batches", lambda *args, **kw: used.append(kw["layout"]) or real(*args, **kw))
+    train(load_config(TINY, short("layout", 12)), resume=True, show_progress=False)
+    assert used and set(used) == {Layout("target", 6)}
+    del state["progress"]["batch_layout"]  # a checkpoint of an older mt, saved mid-epoch
+    state["progress"]["batch_in_epoch"] = 1
+    checkpoint.save(state, run_dir / checkpoint.LAST)
+    train(load_config(TINY, short("layout", 12)), resume=True, show_progress=False)
+    assert "does not say how its batches were cut" in caplog.text
+    assert checkpoint.load(run_dir / checkpoint.LAST)["progress"]["batch_layout"] != ""
 
 
 def test_same_config_and_seed_give_the_same_losses(in_tmp):

@@ -30,7 +30,9 @@ from mt import checkpoint, corpora, distributed
 from mt.attention import fast_kernels
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
+    LAYOUTS,
     Batch,
+    Layout,
     PairTable,
     batch_layout,
     clean_pairs,
@@ -73,6 +75,7 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0  # validations in a row without a better BLEU (early stopping)
     nonfinite_in_a_row: int = 0
+    batch_layout: str = ""  # "ORDER WIDTH" (mt.data.Layout), chosen at the run's start; "" in older runs
 
 
 @dataclass
@@ -212,7 +215,8 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
 
     Dynamic shapes: length-bucketed batches change their size and lengths at every step, and one graph with
     symbolic sizes serves them all instead of a compilation per shape. Validation and decoding use the
-    uncompiled model.
+    uncompiled model. The graph keeps the attention kernels in force when it was traced (`train.attention`):
+    torch.compile does not check them again.
     """
     return torch.compile(model, dynamic=True)
 
@@ -422,8 +426,23 @@ class Trainer:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
         self.nonfinite = _NonFinite(self.device, self.progress.nonfinite_in_a_row)
         self.rows = PairTable(self.data.train)
-        # Chosen once per run from the first epoch's order: trying every layout costs ten cuts of the corpus.
-        self.layout = batch_layout(self.data.src_len, self.data.tgt_len, tc.batch_tokens, tc.seed)
+        self.layout = self._batch_layout()
+        fast_kernels(self.device, tc.attention)  # a kernel order this torch cannot set fails now, not at step 1
+
+    def _batch_layout(self) -> Layout:
+        """The run's batch layout: chosen once, at its start (trying every layout costs ten cuts of the corpus),
+        and kept in its checkpoints, so that a resumed epoch goes on with the batches it started."""
+        p = self.progress
+        order, _, width = p.batch_layout.partition(" ")
+        if (order, width) in {(layout.order, str(layout.width)) for layout in LAYOUTS}:
+            return Layout(order, int(width))
+        layout = batch_layout(self.data.src_len, self.data.tgt_len, self.tc.batch_tokens, self.tc.seed)
+        if p.batch_in_epoch:
+            log.warning("the checkpoint does not say how its batches were cut (an older mt saved it): the rest of "
+                        "epoch %d is cut afresh, so some of its pairs may come twice and others not at all",
+                        p.epoch + 1)
+        p.batch_layout = f"{layout.order} {layout.width}"
+        return layout
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

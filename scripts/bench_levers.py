@@ -115,5 +115,6 @@ def main() -> None:
     if best is not None:
         print(f"highest MFU: {best[1]}, {best[0]:.2f} %: {' '.join(best[2]) or 'the config as it is'}")
 
+
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
 """The command line, end to end on a slice of real Multi30k, and its one-line errors."""
 
+import contextlib
 import json
 import os
 import re
@@ -503,3 +504,12 @@ def test_bench_trains_the_bf16_copy_with_bf16_weights(trained, monkeypatch, data
                  "--set", "train.precision=bf16-weights")
     assert result.exit_code == 0, result.output
     assert "bf16 weights, fp32 master weights" in result.stdout and "train ours: MFU" in result.stdout
+
+
+def test_efficient_attention_first_on_a_torch_that_cannot_order_kernels_fails_before_training(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mt.attention.sdpa_kernel", lambda backends: contextlib.nullcontext())  # no set_priority
+    result = run("train", "--config", TINY, "--set", "train.attention=efficient")
+    one_line_error(result, r"train.attention: efficient needs a newer torch than .*; use flash or math")
+    assert not (tmp_path / "runs").exists()

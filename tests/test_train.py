@@ -75,7 +75,7 @@ def test_a_resumed_run_keeps_the_batch_layout_it_started_with(in_tmp, monkeypatc
 
     run_dir = train(load_config(TINY, short("layout", 8)), show_progress=False)
     state = checkpoint.load(run_dir / checkpoint.LAST)
-    assert state["progress"]["batch_layout"] in {f"{layout.order} {layout.width}" for layout in LAYOUTS}
+    assert state["progress"]["batch_layout"] in {str(layout) for layout in LAYOUTS}
     state["progress"]["batch_layout"] = "target 6"  # as if the data had made that layout the best at the start
     checkpoint.save(state, run_dir / checkpoint.LAST)
     used, real = [], mt.train.make_batches

@@ -159,10 +159,15 @@ def fast_kernels(device: torch.device, first: str = "auto") -> contextlib.Abstra
         first = "math" if device.type == "cpu" else "flash"
     if first != "efficient":  # flash before memory-efficient is torch's own order
         return sdpa_kernel(KERNEL_ORDER[first])
-    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+    check_kernel_order(first)
+    return sdpa_kernel(KERNEL_ORDER[first], set_priority=True)
+
+
+def check_kernel_order(first: str) -> None:
+    """Raises a ConfigError if this torch cannot try `first` (`train.attention`) first."""
+    if first == "efficient" and "set_priority" not in inspect.signature(sdpa_kernel).parameters:
         raise ConfigError(f"train.attention: efficient needs a newer torch than {torch.__version__}, whose "
                           "sdpa_kernel can set the kernels' order (set_priority); use flash or math")
-    return sdpa_kernel(KERNEL_ORDER[first], set_priority=True)
 
 
 def scaled_dot_product_attention(

@@ -347,6 +347,9 @@ class Layout:
     order: Literal["target", "longer"]
     width: int
 
+    def __str__(self) -> str:
+        return f"{self.order} {self.width}"  # as a run's checkpoints keep it
+
 
 LAYOUTS = tuple(Layout(order, width) for order in ("target", "longer") for width in (1, 2, 3, 4, 6))
 

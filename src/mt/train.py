@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mt import checkpoint, corpora, distributed
-from mt.attention import fast_kernels
+from mt.attention import check_kernel_order, fast_kernels
 from mt.config import Config, config_to_dict, load_config, save_config
 from mt.data import (
     LAYOUTS,
@@ -75,7 +75,7 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0  # validations in a row without a better BLEU (early stopping)
     nonfinite_in_a_row: int = 0
-    batch_layout: str = ""  # "ORDER WIDTH" (mt.data.Layout), chosen at the run's start; "" in older runs
+    batch_layout: str = ""  # str(mt.data.Layout), chosen at the run's start; "" in older runs
 
 
 @dataclass
@@ -136,7 +136,8 @@ def check_trainable(config: Config) -> None:
     still translates).
 
     Raises:
-        ConfigError: for a run name that is not a folder name, or sentences longer than the model's positions.
+        ConfigError: for a run name that is not a folder name, sentences longer than the model's positions, or
+            an attention kernel order this torch cannot set.
     """
     if config.name in (".", "..") or any(c in config.name for c in "/\\"):
         raise ConfigError(f"name must be a folder name, without '/' and not '.' or '..' (the run folder is "
@@ -144,6 +145,7 @@ def check_trainable(config: Config) -> None:
     if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
         raise ConfigError(f"model.max_positions ({config.model.max_positions}) must exceed data.max_tokens "
                           f"({config.data.max_tokens}): sentences get an EOS or BOS token")
+    check_kernel_order(config.train.attention)
 
 
 def prepare_data(config: Config, run_dir: Path) -> PreparedData:
@@ -427,21 +429,20 @@ class Trainer:
         self.nonfinite = _NonFinite(self.device, self.progress.nonfinite_in_a_row)
         self.rows = PairTable(self.data.train)
         self.layout = self._batch_layout()
-        fast_kernels(self.device, tc.attention)  # a kernel order this torch cannot set fails now, not at step 1
 
     def _batch_layout(self) -> Layout:
         """The run's batch layout: chosen once, at its start (trying every layout costs ten cuts of the corpus),
         and kept in its checkpoints, so that a resumed epoch goes on with the batches it started."""
         p = self.progress
-        order, _, width = p.batch_layout.partition(" ")
-        if (order, width) in {(layout.order, str(layout.width)) for layout in LAYOUTS}:
-            return Layout(order, int(width))
+        known = {str(layout): layout for layout in LAYOUTS}
+        if p.batch_layout in known:
+            return known[p.batch_layout]
         layout = batch_layout(self.data.src_len, self.data.tgt_len, self.tc.batch_tokens, self.tc.seed)
         if p.batch_in_epoch:
             log.warning("the checkpoint does not say how its batches were cut (an older mt saved it): the rest of "
                         "epoch %d is cut afresh, so some of its pairs may come twice and others not at all",
                         p.epoch + 1)
-        p.batch_layout = f"{layout.order} {layout.width}"
+        p.batch_layout = str(layout)
         return layout
 
     def _restore(self, state: dict[str, Any]) -> None:

@@ -79,8 +79,9 @@ def main() -> None:
     batches: dict[tuple[int, int], list] = {}  # (batch_tokens, seed): the first 400 batches, as mt bench cuts them
     mfu: dict[str, float] = {}  # of the settings measured, in order
     best: tuple[float, str, list[str]] | None = None
-    for name, overrides, config in [*settings, (f"{settings[0][0]}, again", *settings[0][1:])]:
-        if time.perf_counter() - start > args.budget and not name.endswith(", again"):
+    runs = [(*setting, False) for setting in settings] + [(f"{settings[0][0]}, again", *settings[0][1:], True)]
+    for name, overrides, config, rerun in runs:
+        if time.perf_counter() - start > args.budget and not rerun:
             rows.append(Row(f"{name}: MFU", math.nan, "", f"skipped: {args.budget:.0f} s spent"))
             continue
         tc = config.train
@@ -107,7 +108,7 @@ def main() -> None:
             Row(f"{name}: MFU ÷ {baseline}'s", mfu[name] / mfu[baseline], "×"),
         ]
         print(format_table(rows[-3:]), flush=True)  # as it goes: a time limit may stop the script
-        if not name.endswith(", again") and (best is None or mfu[name] > best[0]):
+        if not rerun and (best is None or mfu[name] > best[0]):
             best = (mfu[name], name, overrides)
             if args.best:  # so far: also after a time limit
                 args.best.write_text("".join(f"{o}\n" for o in overrides))

@@ -509,7 +509,13 @@ def test_bench_trains_the_bf16_copy_with_bf16_weights(trained, monkeypatch, data
 def test_efficient_attention_first_on_a_torch_that_cannot_order_kernels_fails_before_training(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    from mt import attention
+
     monkeypatch.setattr("mt.attention.sdpa_kernel", lambda backends: contextlib.nullcontext())  # no set_priority
-    result = run("train", "--config", TINY, "--set", "train.attention=efficient")
+    attention._sdpa_kernel_orders.cache_clear()  # asked once per process: ask this stand-in
+    try:
+        result = run("train", "--config", TINY, "--set", "train.attention=efficient")
+    finally:
+        attention._sdpa_kernel_orders.cache_clear()
     one_line_error(result, r"train.attention: efficient needs a newer torch than .*; use flash or math")
     assert not (tmp_path / "runs").exists()

@@ -7,6 +7,7 @@ Masks follow `mt.masks`: boolean, True where attention is allowed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 
@@ -165,9 +166,15 @@ def fast_kernels(device: torch.device, first: str = "auto") -> contextlib.Abstra
 
 def check_kernel_order(first: str) -> None:
     """Raises a ConfigError if this torch cannot try `first` (`train.attention`) first."""
-    if first == "efficient" and "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+    if first == "efficient" and not _sdpa_kernel_orders():
         raise ConfigError(f"train.attention: efficient needs a newer torch than {torch.__version__}, whose "
                           "sdpa_kernel can set the kernels' order (set_priority); use flash or math")
+
+
+@functools.cache
+def _sdpa_kernel_orders() -> bool:
+    """Whether this torch's sdpa_kernel can set the kernels' order (asked once, not at every training step)."""
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 def scaled_dot_product_attention(

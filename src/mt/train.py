@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.fx.experimental import _config as shapes_config
 from tqdm import tqdm
 
 from mt import checkpoint, corpora, distributed
@@ -212,15 +213,41 @@ def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
     return {"src": [normalize_text(t) for t in batch["src"]]}
 
 
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` compiled by torch.compile for training (`train.compile`), sharing its parameters.
+def compiled(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """`model` compiled by torch.compile for training (`train.compile`), sharing its parameters; `options` go
+    to torch.compile.
 
     Dynamic shapes: length-bucketed batches change their size and lengths at every step, and one graph with
     symbolic sizes serves them all instead of a compilation per shape. Validation and decoding use the
     uncompiled model. The graph keeps the attention kernels in force when it was traced (`train.attention`):
     torch.compile does not check them again.
     """
-    return torch.compile(model, dynamic=True)
+    return _WithoutDuckSizing(torch.compile(model, dynamic=True, **options))
+
+
+class _WithoutDuckSizing(torch.nn.Module):
+    """Calls a compiled module with duck sizing off, so that its graph is traced for every batch shape.
+
+    With it on, sizes that happen to be equal in the batch traced share one symbol: with configs/tiny.yaml, a
+    first batch whose source and target were both 44 positions long gave a graph for equal lengths only, and
+    the next batch compiled a second one (TORCH_LOGS=recompiles scripts/bench_levers.py names the guard).
+    tests/test_train.py checks that one graph serves such batches.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        with _no_duck_sizing():
+            return self.net(*args, **kwargs)
+
+
+def _no_duck_sizing() -> contextlib.AbstractContextManager:
+    """Duck sizing off while torch.compile traces (a setting of torch.fx's symbolic shapes)."""
+    if not hasattr(shapes_config, "use_duck_shape"):
+        return contextlib.nullcontext()
+    return shapes_config.patch(use_duck_shape=False)
 
 
 def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float,
@@ -408,10 +435,11 @@ class Trainer:
         if self.ctx.active:
             log.info("distributed: %d ranks × %d accumulated batches of %d tokens per update", self.ctx.world,
                      tc.accumulate, tc.batch_tokens)
-        # The model as training calls it: wrapped by DDP when there are several ranks.
-        self.net = (torch.nn.parallel.DistributedDataParallel(
+        # The model as training calls it: wrapped by DDP when there are several ranks, then compiled.
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(
             trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.ctx.active else trained)
+            if self.ctx.active else None)
+        self.net = trained if self.ddp is None else self.ddp
         if tc.compile:
             self.net = compiled(self.net)
         params = list(self.model.parameters())
@@ -555,7 +583,7 @@ class Trainer:
         try:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
-                sync = self.net.no_sync() if self.ctx.active and not last else contextlib.nullcontext()
+                sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
                 with sync, autocast(self.device, None if self.master else self.amp):
                     loss, _ = loss_fn(self.net, batch, tc.label_smoothing, tc.attention)
                 (loss * scale).backward()

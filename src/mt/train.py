@@ -243,11 +243,10 @@ class _WithoutDuckSizing(torch.nn.Module):
             return self.net(*args, **kwargs)
 
 
-def _no_duck_sizing() -> contextlib.AbstractContextManager:
-    """Duck sizing off while torch.compile traces (a setting of torch.fx's symbolic shapes)."""
-    if not hasattr(shapes_config, "use_duck_shape"):
-        return contextlib.nullcontext()
-    return shapes_config.patch(use_duck_shape=False)
+# Duck sizing off while torch.compile traces (a setting of torch.fx's symbolic shapes), where this torch has it;
+# asked once here, not at every training step.
+_no_duck_sizing = (functools.partial(shapes_config.patch, use_duck_shape=False)
+                   if hasattr(shapes_config, "use_duck_shape") else contextlib.nullcontext)
 
 
 def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float,

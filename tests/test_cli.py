@@ -262,6 +262,31 @@ def test_interactive_prompt(trained, monkeypatch):
     assert result.stderr.count("fr> ") == 2  # asked again, then EOF ends it
 
 
+def test_lines_before_a_bad_one_are_translated_and_a_bad_typed_line_costs_only_itself(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    expected = run("translate", "Un chat.").stdout
+    result = run("translate", input=b"Un chat.\ncaf\xe9\n")
+    assert result.exit_code == 2 and result.stdout == expected
+    result = run("translate", "--interactive", input=b"caf\xe9\nUn chat.\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected
+    assert "error: that line: not valid UTF-8 (byte 0xe9)" in result.stderr
+
+
+def test_a_line_longer_than_the_model_takes_is_cut_with_a_warning(trained, caplog):
+    from mt.translate import Translator
+
+    translator = Translator.load(trained / "runs" / "tiny")
+    limit = translator.config.model.max_positions - 1
+    with caplog.at_level("WARNING", logger="mt"):
+        ids = translator.encode(["Un chat.", "un chat " * limit])
+    assert len(ids[1]) == limit
+    assert f"1 input line(s) longer than {limit} tokens cut" in caplog.text
+    caplog.clear()
+    translator.encode(["Un chat."])
+    assert not caplog.text
+
+
 def test_attention_grid_has_a_panel_per_layer_and_head(trained, monkeypatch):
     from mt import plots
     from mt.translate import Translator
@@ -368,6 +393,9 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["translate", "--nbest", 3, "--beam", 1, "Un chat."], None, r"--nbest 3 needs a beam at least as wide"),
         (["translate", "--device", "mps", "Un chat."], None, r"--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
         (["translate"], b"Un chat.\ncaf\xe9\n", r"stdin, line 2: not valid UTF-8 \(byte 0xe9\)"),
+        (["translate", "caf\udce9"], None, r"TEXT: not valid UTF-8 \(byte 0xe9\)"),  # as Python passes argv
+        (["translate", "Un chat.", "--attention", "nodir/a.png"], None, r"--attention nodir/a\.png: folder nodir "
+         "not found"),
         (["translate", "--attention", "a.png", "un chat " * 200], None,
          r"--attention draws sentences of up to 150 subwords a side; this one has \d+"),
         (["plot", "runs/tiny", "-o", "p.xyz"], None, r"cannot draw p\.xyz: matplotlib writes .*png.*, not xyz"),
@@ -379,7 +407,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
          r"corpus multi30k:typo not found"),
         (["train", "--config", TINY, "--set", "train.lr.x=1"], None, r"train\.lr is a value, not a section"),
     ],
-    ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin",
+    ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
+         "attention-into-no-folder",
          "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],
 )

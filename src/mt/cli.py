@@ -132,7 +132,7 @@ def translate(
     mt translate "Un homme joue de la guitare." --attention attention.png
     """
     from mt.checkpoint import latest_run
-    from mt.data import decode_lines, read_lines
+    from mt.data import check_text, decode_lines, read_lines
     from mt.translate import Translator
 
     _setup_logging(quiet=True)
@@ -142,6 +142,10 @@ def translate(
         raise MtError("--attention draws one sentence: give it as TEXT")
     if (layer is not None or head is not None) and attention is None:
         raise MtError("--layer and --head go with --attention")
+    if text is not None:
+        check_text(text, "TEXT")
+    if attention is not None and not attention.parent.is_dir():
+        raise MtError(f"--attention {attention}: folder {attention.parent} not found")
     translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
@@ -163,9 +167,9 @@ def translate(
                 raise typer.Exit(0) from None
 
     if text is not None:
-        emit([text])
-        if attention is not None:
+        if attention is not None:  # first: a --layer out of range is an error before any output
             _draw_attention(translator, text, attention, layer, head, beam)
+        emit([text])
     elif input is not None:
         emit(read_lines(input))
     elif interactive or sys.stdin.isatty():
@@ -175,15 +179,23 @@ def translate(
                 line = input_line("fr> ")
             except EOFError:
                 break
-            emit([line])
+            try:
+                emit([check_text(line, "that line")])
+            except MtError as e:  # a typing slip costs the line, not the session
+                typer.echo(f"error: {e}", err=True)
     else:
         chunk: list[str] = []
-        for line in decode_lines(sys.stdin.buffer, "stdin"):  # streams: translated in chunks as lines arrive
-            chunk.append(line)
-            if len(chunk) == 64:
+        try:
+            for line in decode_lines(sys.stdin.buffer, "stdin"):  # streams: translated in chunks as lines arrive
+                chunk.append(line)
+                if len(chunk) == 64:
+                    emit(chunk)
+                    sys.stdout.flush()
+                    chunk = []
+        except MtError:  # the lines before a bad one are translated before its error
+            if chunk:
                 emit(chunk)
-                sys.stdout.flush()
-                chunk = []
+            raise
         if chunk:
             emit(chunk)
 
@@ -192,11 +204,11 @@ def input_line(prompt: str) -> str:
     """One line typed by the user (raises EOFError at the end of input)."""
     sys.stderr.write(prompt)
     sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
+    raw = sys.stdin.buffer.readline()
+    if not raw:
         sys.stderr.write("\n")
         raise EOFError
-    return line.rstrip("\n")
+    return raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "surrogateescape")  # bad bytes: check_text names them
 
 
 def _draw_attention(translator, text: str, path: Path, layer: int | None, head: int | None,

@@ -60,6 +60,22 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
             raise DataError(f"{name}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
 
 
+def check_text(text: str, where: str) -> str:
+    """`text` itself, if it holds no undecodable bytes: Python turns those of a command-line argument or of
+    stdin (under a non-UTF-8 locale) into lone surrogates, which no tokenizer can encode.
+
+    Raises:
+        DataError: naming `where` and the first such byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise DataError(f"{where}: not valid UTF-8 ({byte})") from None
+    return text
+
+
 def read_lines(path: Path) -> list[str]:
     """All lines of a UTF-8 text file (plain or .gz); see `iter_lines`."""
     return list(iter_lines(path))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from mt import checkpoint
 from mt.attention import fast_kernels
 from mt.config import Config, DecodeConfig, load_config
-from mt.data import collate, normalize_text
+from mt.data import check_text, collate, normalize_text
 from mt.devices import autocast, autocast_dtype, pick_device
 from mt.errors import CheckpointError, ConfigError
 from mt.model import Transformer
@@ -197,7 +197,13 @@ class Translator:
         the model takes (`model.max_positions`, less EOS)."""
         clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
         limit = self.config.model.max_positions - 1
-        return [ids[:limit] for ids in self.tokenizer.encode([clean(t) for t in texts])]
+        for number, text in enumerate(texts, start=1):
+            check_text(text, f"input {number}")
+        ids = self.tokenizer.encode([clean(t) for t in texts])
+        if cut := sum(len(i) > limit for i in ids):
+            log.warning("%d input line(s) longer than %d tokens cut to that length, the longest source the model "
+                        "takes (model.max_positions): their ends are not translated", cut, limit)
+        return [i[:limit] for i in ids]
 
     @torch.no_grad()
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:

@@ -209,6 +209,26 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):
     assert checkpoint.load(in_tmp / "runs" / "tiny" / "last.pt")["progress"]["step"] >= 3
 
 
+def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path):
+    import shutil
+
+    from mt import checkpoint
+
+    monkeypatch.chdir(trained)  # where the copy's config (runs_dir: runs, name: tiny) points at the original
+    original = trained / "runs" / "tiny"
+    copy = tmp_path / "backup" / "tiny-copy"
+    shutil.copytree(original, copy)
+    step = checkpoint.load(original / "last.pt")["progress"]["step"]
+    before = sorted(p.name for p in original.iterdir())
+    result = run("train", "--config", copy / "config.yaml", "--resume", "--quiet",
+                 "--set", f"train.max_steps={step + 2}")
+    assert result.exit_code == 0, result.output
+    assert f"run saved in {copy}" in result.stdout
+    assert checkpoint.load(copy / "last.pt")["progress"]["step"] == step + 2
+    assert checkpoint.load(original / "last.pt")["progress"]["step"] == step
+    assert sorted(p.name for p in original.iterdir()) == before
+
+
 def test_average_and_tune(trained, monkeypatch, data_path):
     import shutil
 

@@ -102,8 +102,27 @@ def train(
     if resume and overwrite:
         raise MtError("--resume and --overwrite exclude each other")
     cfg = load_config(config, overrides or [])
+    if resume and config is not None:
+        cfg = _in_its_own_folder(cfg, config, overrides or [])
     run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=None if not quiet else False)
     typer.echo(f"run saved in {run_dir}")
+
+
+def _in_its_own_folder(cfg, config: Path, overrides: list[str]):
+    """`cfg` set to resume the run folder that `config` is the saved config of, where that folder is not
+    where its runs_dir and name point: a run that was copied or moved, or a relative runs_dir read from
+    another folder. Unchanged for any other config, or when --set names the run."""
+    from dataclasses import replace
+
+    from mt.checkpoint import CONFIG
+
+    folder = config.parent
+    if (config.name != CONFIG or any(o.startswith(("name=", "runs_dir=")) for o in overrides)
+            or cfg.run_dir.resolve() == folder.resolve()):
+        return cfg
+    logging.getLogger("mt").info("resuming %s, the run folder of %s (its config names %s)", folder, config,
+                                 cfg.run_dir)
+    return replace(cfg, name=folder.resolve().name, runs_dir=str(folder.resolve().parent))
 
 
 @app.command()

@@ -123,6 +123,8 @@ def test_resume_falls_back_to_the_newest_valid_checkpoint(in_tmp, caplog):
     train(load_config(TINY, short("fallback", 25)), resume=True, show_progress=False)
     assert "resuming from step_0000010.pt instead" in caplog.text
     assert checkpoint.load(run_dir / "last.pt")["progress"]["step"] == 25
+    # Steps 15 and 20 were logged, lost with their checkpoint, and trained again: logged once each.
+    assert [r["step"] for r in metrics(run_dir) if "train_loss" in r] == [5, 10, 15, 20, 25]
 
 
 def test_early_stopping_stops_after_patience(in_tmp):

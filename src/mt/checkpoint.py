@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mt.errors import CheckpointError, MtError
-from mt.files import write_atomically
+from mt.files import write_atomically, write_bytes
 
 CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
 METRICS, DATA_STATS, LOG, CACHE = "metrics.jsonl", "data.json", "train.log", "cache"
@@ -51,8 +51,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                              "delete it or train again") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or no checkpoint at all "
+                              f"({type(e).__name__})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an mt checkpoint")
     return state
@@ -143,6 +143,28 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
         raise MtError(f"cannot write {path}: {e.strerror}") from None
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Deletes the metrics records of steps after `step`, the checkpoint a run resumes from: a run killed
+    between two checkpoints logged steps that it trains and logs again."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if not _step_after(line, step)]
+    if len(kept) < len(lines):
+        write_bytes(path, b"".join(kept))
+        log.info("%s: dropped %d record(s) after step %d, the checkpoint resumed", path, len(lines) - len(kept),
+                 step)
+
+
+def _step_after(line: bytes, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and _is_number(record.get("step")) and record["step"] > step
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -478,6 +478,8 @@ class Trainer:
             self.master.weights_to_work()
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
+        if self.ctx.is_main:
+            checkpoint.drop_metrics_after(self.run_dir, self.progress.step)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

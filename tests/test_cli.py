@@ -371,9 +371,12 @@ def test_plot_runs_and_info(trained, monkeypatch):
         (lambda d: write_pair(d, "e", [], []),
          ["train", "--config", TINY, "--set", "data.valid={src: e.fr, tgt: e.en}"],
          r"validation corpus e\.fr \| e\.en is empty"),
+        (lambda d: None, ["train", "--config", TINY, "--set", "model.d_ff=20000000000"],  # terabytes of weights
+         r"out of memory \(.*\); lower train\.batch_tokens .* model\.d_ff"),
     ],
     ids=["missing-config", "missing-corpus", "non-utf8", "empty-after-filtering", "vocab-too-large",
-         "run-without-config", "resume-nothing", "empty-training-corpus", "empty-validation-corpus"],
+         "run-without-config", "resume-nothing", "empty-training-corpus", "empty-validation-corpus",
+         "model-too-large-for-memory"],
 )
 def test_bad_input_gets_one_line_and_exit_2(in_tmp, setup, args, pattern):
     setup(in_tmp)

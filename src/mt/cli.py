@@ -74,8 +74,22 @@ def _errors_exit_2(command):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            typer.echo(f"error: out of memory ({what[:200]}); lower train.batch_tokens or decode.batch_tokens, "
+                       "or the model's size (model.d_model, model.d_ff, the layers)", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says that memory ran out: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError of torch's CPU allocator."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e))
 
 
 @app.command()

@@ -400,6 +400,12 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     config.write_text(config.read_text().replace("encoder_layers: 2", "encoder_layers: 3"))
     one_line_error(run("translate", "--run", "edited", "Un chat."), r"edited/best\.pt does not match the model "
                    r"that edited/config\.yaml describes \(was its model section edited\?\): Missing key\(s\)")
+    text = config.read_text()
+    config.write_text(text[: text.rindex("\n", 0, 300) + 1])  # cut short: no defaults may fill the rest in
+    one_line_error(run("translate", "--run", "edited", "Un chat."),
+                   r"edited/config\.yaml lacks .*model.*decode: a run's config holds every section")
+    config.write_text("")
+    one_line_error(run("eval", "--run", "edited"), r"edited/config\.yaml lacks name, runs_dir, data, ")
     shutil.copytree(trained / "runs" / "tiny", "empty")
     for name in Path("empty").glob("*.pt"):
         name.unlink()

@@ -310,12 +310,12 @@ def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: t
     import yaml
 
     from mt import checkpoint
-    from mt.config import config_to_dict, load_config
+    from mt.config import config_to_dict, load_run_config
     from mt.model import Transformer
     from mt.tokenizer import Tokenizer
 
     run_dir = checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
-    config = load_config(run_dir / checkpoint.CONFIG)
+    config = load_run_config(run_dir / checkpoint.CONFIG)
     tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
     params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
     typer.echo(f"run: {run_dir}\nparameters: {params:,}\nvocabulary: {tokenizer.vocab_size} SentencePiece pieces")

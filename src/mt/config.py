@@ -153,23 +153,44 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         source = str(path)
-        try:
-            loaded = _load_yaml(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {_one_line(e).replace('<unicode string>', str(path))}") \
-                from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(loaded).__name__}")
-        raw = loaded or {}
+        raw = _read_sections(path)
         raw.setdefault("name", path.stem)
     config = _build(Config, raw, "", source)
     for override in overrides:
         config = apply_override(config, override)
     return config
+
+
+def load_run_config(path: Path) -> Config:
+    """A run's saved config.yaml. mt writes every section into it: one that lacks a section was emptied or cut
+    short, and the built-in defaults in the section's place would decode or resume with settings the run never
+    had.
+
+    Raises:
+        ConfigError: naming the file and what it lacks, or as `load_config`.
+    """
+    raw = _read_sections(path)
+    missing = [f.name for f in fields(Config) if f.name not in raw]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}: a run's config holds every section, so this one "
+                          "was emptied or cut short; restore it, e.g. from a copy of the run")
+    return _build(Config, raw, "", str(path))
+
+
+def _read_sections(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file ({} for an empty one)."""
+    try:
+        loaded = _load_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e).replace('<unicode string>', str(path))}") \
+            from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(loaded).__name__}")
+    return loaded or {}
 
 
 def apply_override(config: Config, override: str) -> Config:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mt import checkpoint, corpora, distributed
 from mt.attention import check_kernel_order, fast_kernels
-from mt.config import Config, config_to_dict, load_config, save_config
+from mt.config import Config, config_to_dict, load_run_config, save_config
 from mt.data import (
     LAYOUTS,
     Batch,
@@ -111,7 +111,7 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not (run_dir / checkpoint.CONFIG).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {checkpoint.CONFIG})")
-        saved = load_config(run_dir / checkpoint.CONFIG)
+        saved = load_run_config(run_dir / checkpoint.CONFIG)
         for section in ("model", "tokenizer", "data"):
             if getattr(saved, section) != getattr(config, section):
                 raise ConfigError(f"cannot resume {run_dir}: the {section} section differs from the run's "

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mt import checkpoint
 from mt.attention import fast_kernels
-from mt.config import Config, DecodeConfig, load_config
+from mt.config import Config, DecodeConfig, load_run_config
 from mt.data import check_text, collate, normalize_text
 from mt.devices import autocast, autocast_dtype, pick_device
 from mt.errors import CheckpointError, ConfigError
@@ -140,7 +140,7 @@ class Translator:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
         """
         run_dir = checkpoint.check_run(Path(run_dir))
-        config = load_config(run_dir / checkpoint.CONFIG)
+        config = load_run_config(run_dir / checkpoint.CONFIG)
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
         path = run_dir / (weights or checkpoint.BEST)
         if weights is None and not path.is_file():

@@ -390,6 +390,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     shutil.copytree(trained / "runs" / "tiny", "broken")
     Path("broken/tokenizer.model").unlink()
     one_line_error(run("translate", "--run", "broken", "Un chat."), r"tokenizer not found: broken/tokenizer\.model")
+    Path("broken/tokenizer.model").write_bytes(b"")
+    one_line_error(run("translate", "--run", "broken", "Un chat."), r"tokenizer broken/tokenizer\.model is empty")
     shutil.copytree(trained / "runs" / "tiny", "swapped")
     Tokenizer.train([f"phrase {i} mot{i}" for i in range(300)], 100).save(Path("swapped/tokenizer.model"))
     one_line_error(run("translate", "--run", "swapped", "Un chat."),
@@ -409,7 +411,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     shutil.copytree(trained / "runs" / "tiny", "empty")
     for name in Path("empty").glob("*.pt"):
         name.unlink()
-    one_line_error(run("translate", "--run", "empty", "Un chat."), r"checkpoint not found: empty/last\.pt")
+    one_line_error(run("translate", "--run", "empty", "Un chat."), r"no checkpoint in empty: neither best\.pt "
+                   r"nor last\.pt")
     Path("empty/last.pt").write_bytes(b"not a checkpoint")
     one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")
 
@@ -486,6 +489,11 @@ def test_eval_keeps_the_hypotheses_of_test_files_of_the_same_name(trained, monke
     assert result.exit_code == 0, result.output
     paths = [Path(r["hypotheses"]) for r in json.loads(result.stdout)]
     assert len(set(paths)) == 2 and [len(p.read_text().splitlines()) for p in paths] == [1, 2]
+    # Other weights' hypotheses go beside best.pt's, not over them.
+    result = run("eval", "--test", "d1/test.fr|d1/test.en", "--beam", 1, "--json", "--weights", "last.pt")
+    assert result.exit_code == 0, result.output
+    [other] = [Path(r["hypotheses"]) for r in json.loads(result.stdout)]
+    assert other.name == paths[0].name.replace(".beam1", ".last.beam1") and paths[0].is_file()
 
 
 def test_damaged_metrics_and_data_stats_are_skipped(trained, monkeypatch, tmp_path, caplog):

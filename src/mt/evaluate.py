@@ -15,6 +15,7 @@ from pathlib import Path
 from sacrebleu.metrics import BLEU, CHRF
 
 from mt.errors import DataError, MtError
+from mt.files import write_bytes
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def evaluate_run(
     Returns:
         One dict per test set: test, sentences, beam_size, hypotheses (path) and scores.
     """
-    from mt import corpora
+    from mt import checkpoint, corpora
     from mt.data import read_corpus
     from mt.translate import Translator
 
@@ -123,11 +124,13 @@ def evaluate_run(
             unique = f"{stem}.{copies}"
         stems.add(unique)
         test_sets.append((files, sources, references, unique))
+    # Hypotheses of other weights than best.pt get the checkpoint's name, beside best.pt's, not over them.
+    checkpoint_tag = "" if weights in (None, checkpoint.BEST) else "." + Path(weights).stem
     results = []
     for files, sources, references, stem in test_sets:
         hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
-        hyp_path = out_dir / f"{stem}.beam{beam}.{data.tgt_lang}"
-        hyp_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}.{data.tgt_lang}"
+        write_bytes(hyp_path, "".join(h + "\n" for h in hypotheses).encode())
         results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,
                         "hypotheses": str(hyp_path), "scores": [s.as_dict() for s in score(hypotheses, references)]})
     return results

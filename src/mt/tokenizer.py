@@ -28,7 +28,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
         try:
-            return cls(Path(path).read_bytes())
+            proto = Path(path).read_bytes()
+            if not proto:  # SentencePiece would load it as a model of no pieces
+                raise CheckpointError(f"tokenizer {path} is empty: copy the run's tokenizer.model back or train again")
+            return cls(proto)
         except FileNotFoundError:
             raise CheckpointError(f"tokenizer not found: {path}") from None
         except (OSError, RuntimeError) as e:

@@ -145,6 +145,9 @@ class Translator:
         path = run_dir / (weights or checkpoint.BEST)
         if weights is None and not path.is_file():
             path = run_dir / checkpoint.LAST
+            if not path.is_file():
+                raise CheckpointError(f"no checkpoint in {run_dir}: neither {checkpoint.BEST} nor {checkpoint.LAST} "
+                                      "(a run that stopped before its first save?)")
         state = checkpoint.load(path)
         embed = state["model"].get("embed.weight")
         if embed is not None and embed.shape[0] != tokenizer.vocab_size:

@@ -61,6 +61,7 @@ def test_translate_text_file_and_stdin(trained, monkeypatch):
     Path("in.fr").write_text("Un chat.\nUn chien.\n", encoding="utf-8")
     result = run("translate", "--input", "in.fr", "--run", "runs/tiny")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+    assert run("translate", "--input", "-", input="Un chat.\nUn chien.\n").stdout == result.stdout  # - is stdin
 
 
 def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
@@ -185,6 +186,10 @@ def test_help_lists_the_commands_with_examples():
         assert command in result.stdout
     for command in ("train", "translate", "eval"):
         assert "Example" in run(command, "--help").stdout
+    import mt
+
+    version = run("--version")
+    assert version.exit_code == 0 and version.stdout == f"mt {mt.__version__}\n"
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):

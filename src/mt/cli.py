@@ -26,6 +26,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        import mt
+
+        typer.echo(f"mt {mt.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print mt's version and exit.")] = False) -> None:
+    """Train, run and score a French→English Transformer translator."""
+
+
 RunOption = Annotated[
     Path | None, typer.Option("--run", help="Run folder (default: the most recent one in runs/).")
 ]
@@ -145,15 +160,16 @@ def translate(
     text: Annotated[str | None, typer.Argument(help="French text; omit it to read --input or stdin.")] = None,
     run: RunOption = None,
     beam: BeamOption = None,
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file "
+                                               "(- for stdin).")] = None,
     nbest: Annotated[int, typer.Option(min=1, help="Print the N best translations of each line (with scores).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input line.")] = False,
     attention: Annotated[Path | None, typer.Option(help="Draw the cross-attention of TEXT's translation into "
                                                    "this PNG: one panel per layer and head.")] = None,
     layer: Annotated[int | None, typer.Option(min=1, help="With --attention: only this layer (1-based).")] = None,
     head: Annotated[int | None, typer.Option(min=1, help="With --attention: only this head (1-based).")] = None,
-    interactive: Annotated[bool, typer.Option(help="Prompt for sentences (the default when stdin is a "
-                                              "terminal and no text is given).")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", help="Prompt for sentences (the default when "
+                                              "stdin is a terminal and no text is given).")] = False,
     runs_dir: RunsDirOption = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     weights: WeightsOption = None,
@@ -203,9 +219,9 @@ def translate(
         if attention is not None:  # first: a --layer out of range is an error before any output
             _draw_attention(translator, text, attention, layer, head, beam)
         emit([text])
-    elif input is not None:
+    elif input is not None and str(input) != "-":
         emit(read_lines(input))
-    elif interactive or sys.stdin.isatty():
+    elif interactive or (input is None and sys.stdin.isatty()):
         typer.echo("French → English. Type a sentence and press Enter; Ctrl-D to quit.", err=True)
         while True:
             try:
@@ -276,7 +292,8 @@ def plot(
 
 @app.command("runs")
 @_errors_exit_2
-def list_runs(runs_dir: RunsDirOption = Path("runs")) -> None:
+def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The folder whose runs to list.")]
+              = Path("runs")) -> None:
     """List the runs in runs/ with their last step, best validation BLEU and date.
 
     Example: mt runs --runs-dir runs

@@ -431,6 +431,10 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["translate", "--device", "mps", "Un chat."], None, r"--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
         (["translate"], b"Un chat.\ncaf\xe9\n", r"stdin, line 2: not valid UTF-8 \(byte 0xe9\)"),
         (["translate", "caf\udce9"], None, r"TEXT: not valid UTF-8 \(byte 0xe9\)"),  # as Python passes argv
+        (["eval", "--test", "garbage"], None, r"--test: expected name:split .* or SRC\|REF .*; got 'garbage'"),
+        (["eval", "--test", "multi30k:test_2016_flickr,"], None, r"--test: expected .*; got ''"),
+        (["eval", "--src", "runs", "--ref", "e.en"], None, r"corpus file runs is a folder"),
+        (["translate", "--run", "e.en", "Un chat."], None, r"e\.en is a file, not a run folder"),
         (["translate", "Un chat.", "--attention", "nodir/a.png"], None, r"--attention nodir/a\.png: folder nodir "
          "not found"),
         (["translate", "--attention", "a.png", "un chat " * 200], None,
@@ -445,6 +449,7 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["train", "--config", TINY, "--set", "train.lr.x=1"], None, r"train\.lr is a value, not a section"),
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
+         "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file",
          "attention-into-no-folder",
          "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],

@@ -214,7 +214,8 @@ def check_run(run_dir: Path) -> Path:
         CheckpointError: saying what it is instead.
     """
     if not run_dir.is_dir():
-        raise CheckpointError(f"run folder not found: {run_dir}")
+        raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
+                              else f"run folder not found: {run_dir}")
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder: it has no {CONFIG}")
     return run_dir

@@ -379,7 +379,7 @@ def evaluate(
     if src is not None:
         tests = [{"src": str(src), "tgt": str(ref)}]
     else:
-        tests = [_corpus_arg(item) for item in test.split(",")] if test else None
+        tests = [_corpus_arg(item) for item in test.split(",")] if test is not None else None
     results = evaluate_run(run or latest_run(runs_dir), tests, beam_size=beam, device=device, weights=weights)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
@@ -492,9 +492,21 @@ def bench(
 
 
 def _corpus_arg(text: str) -> str | dict[str, str]:
-    """`name:split`, or `SRC|REF` for a pair of files."""
+    """A --test item: `name:split`, or `SRC|REF` for a pair of files.
+
+    Raises:
+        MtError: for anything else.
+    """
+    from mt.corpora import parse_corpus
+
     src, sep, ref = text.strip().partition("|")
-    return {"src": src, "tgt": ref} if sep else text.strip()
+    spec = {"src": src.strip(), "tgt": ref.strip()} if sep else text.strip()
+    try:
+        parse_corpus(spec)
+    except ValueError:
+        raise MtError(f"--test: expected name:split (e.g. multi30k:test_2016_flickr) or SRC|REF (a source and a "
+                      f"reference file), comma-separated; got {text.strip()!r}") from None
+    return spec
 
 
 def main() -> None:

@@ -180,7 +180,8 @@ def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusF
         src, tgt = parsed
         for path in (src, tgt):
             if not path.is_file():
-                raise DataError(f"corpus file not found: {path}")
+                raise DataError(f"corpus file {path} is a folder" if path.is_dir()
+                                else f"corpus file not found: {path}")
         return CorpusFiles(f"{src} | {tgt}", src, tgt)
     name, split = parsed
     looked = []

@@ -420,6 +420,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
                    r"nor last\.pt")
     Path("empty/last.pt").write_bytes(b"not a checkpoint")
     one_line_error(run("eval", "--run", "empty"), r"checkpoint empty/last\.pt is corrupt or truncated")
+    monkeypatch.setattr("mt.bench.train_ours", lambda *a: pytest.fail("measured training first"))
+    one_line_error(run("bench", "--config", TINY, "--run", "empty"), r"checkpoint empty/last\.pt is corrupt")
 
 
 @pytest.mark.parametrize(
@@ -435,8 +437,9 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["eval", "--test", "multi30k:test_2016_flickr,"], None, r"--test: expected .*; got ''"),
         (["eval", "--src", "runs", "--ref", "e.en"], None, r"corpus file runs is a folder"),
         (["translate", "--run", "e.en", "Un chat."], None, r"e\.en is a file, not a run folder"),
-        (["translate", "Un chat.", "--attention", "nodir/a.png"], None, r"--attention nodir/a\.png: folder nodir "
+        (["translate", "Un chat.", "--attention", "nodir/a.png"], None, r"cannot draw nodir/a\.png: folder nodir "
          "not found"),
+        (["plot", "runs/tiny", "-o", "nodir/p.png"], None, r"cannot draw nodir/p\.png: folder nodir not found"),
         (["translate", "--attention", "a.png", "un chat " * 200], None,
          r"--attention draws sentences of up to 150 subwords a side; this one has \d+"),
         (["plot", "runs/tiny", "-o", "p.xyz"], None, r"cannot draw p\.xyz: matplotlib writes .*png.*, not xyz"),
@@ -449,9 +452,9 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["train", "--config", TINY, "--set", "train.lr.x=1"], None, r"train\.lr is a value, not a section"),
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
-         "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file",
-         "attention-into-no-folder",
-         "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan", "eval-empty",
+         "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file", "attention-into-no-folder",
+         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan",
+         "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],
 )
 def test_bad_requests_to_a_trained_run(trained, monkeypatch, args, stdin, pattern):

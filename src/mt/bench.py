@@ -211,8 +211,8 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     training alone (the run, if given, still lends its tokenizer); without `reference`, no `nn.Transformer`
     (to compare settings of our own model quickly)."""
     device = resolve_device(config)
-    if decode and run_dir is not None:  # a mistyped run or test set fails now, not after the training measurements
-        checkpoint.check_run(run_dir)
+    if decode and run_dir is not None:  # a bad run or test set fails now, not after the training measurements
+        Translator.load(run_dir, device="cpu")  # its config, tokenizer and checkpoint
         corpora.resolve(test or _default_test(config), config.data.src_lang, config.data.tgt_lang)
     amp = autocast_dtype(config, device)
     rows: list[Row] = []

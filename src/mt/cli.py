@@ -193,8 +193,8 @@ def translate(
         raise MtError("--layer and --head go with --attention")
     if text is not None:
         check_text(text, "TEXT")
-    if attention is not None and not attention.parent.is_dir():
-        raise MtError(f"--attention {attention}: folder {attention.parent} not found")
+    if attention is not None and not attention.parent.is_dir():  # before decoding, as plots.save would after it
+        raise MtError(f"cannot draw {attention}: folder {attention.parent} not found")
     translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
@@ -385,11 +385,11 @@ def evaluate(
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
     width = max(len(r["test"]) for r in results)
-    typer.echo(f"{'test set':<{width}}  sentences  beam   BLEU  chrF2  hypotheses")
+    typer.echo(f"{'test set':<{width}}  sentences  beam    BLEU   chrF2  hypotheses")
     for r in results:
         scores = {s["metric"]: s["score"] for s in r["scores"]}
-        typer.echo(f"{r['test']:<{width}}  {r['sentences']:>9}  {r['beam_size']:>4}  {scores['BLEU']:5.2f}  "
-                   f"{scores['chrF2']:5.2f}  {r['hypotheses']}")
+        typer.echo(f"{r['test']:<{width}}  {r['sentences']:>9}  {r['beam_size']:>4}  {scores['BLEU']:6.2f}  "
+                   f"{scores['chrF2']:6.2f}  {r['hypotheses']}")
     signatures = {s["metric"]: s["signature"] for r in results for s in r["scores"]}
     for metric, signature in signatures.items():
         typer.echo(f"{metric} signature: {signature}")

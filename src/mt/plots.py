@@ -106,6 +106,8 @@ def save(fig, path: Path) -> Path:
     try:
         if path.is_dir():
             raise MtError(f"{path} is a folder; give a file name, e.g. {path / 'figure.png'}")
+        if not path.parent.is_dir():
+            raise MtError(f"cannot draw {path}: folder {path.parent} not found")
         path = path if path.suffix else path.with_suffix(".png")
         formats = fig.canvas.get_supported_filetypes()
         if path.suffix[1:].lower() not in formats:

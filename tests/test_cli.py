@@ -232,6 +232,11 @@ def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path
     assert checkpoint.load(copy / "last.pt")["progress"]["step"] == step + 2
     assert checkpoint.load(original / "last.pt")["progress"]["step"] == step
     assert sorted(p.name for p in original.iterdir()) == before
+    # A config.yaml beside no checkpoint is no run's: --resume goes where it points (runs/tiny-2, not there).
+    mine = tmp_path / "mine" / "config.yaml"
+    mine.parent.mkdir()
+    mine.write_text((original / "config.yaml").read_text().replace("name: tiny\n", "name: tiny-2\n"))
+    one_line_error(run("train", "--config", mine, "--resume"), r"cannot resume: runs/tiny-2 is not a run folder")
 
 
 def test_average_and_tune(trained, monkeypatch, data_path):

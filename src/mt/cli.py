@@ -140,13 +140,15 @@ def train(
 def _in_its_own_folder(cfg, config: Path, overrides: list[str]):
     """`cfg` set to resume the run folder that `config` is the saved config of, where that folder is not
     where its runs_dir and name point: a run that was copied or moved, or a relative runs_dir read from
-    another folder. Unchanged for any other config, or when --set names the run."""
+    another folder. Unchanged for any other config (a config.yaml beside no checkpoint is no run's), or when
+    --set names the run."""
     from dataclasses import replace
 
-    from mt.checkpoint import CONFIG
+    from mt.checkpoint import BEST, CONFIG, LAST, numbered_checkpoints
 
     folder = config.parent
-    if (config.name != CONFIG or any(o.startswith(("name=", "runs_dir=")) for o in overrides)
+    is_run = any((folder / name).is_file() for name in (LAST, BEST)) or numbered_checkpoints(folder)
+    if (config.name != CONFIG or not is_run or any(o.startswith(("name=", "runs_dir=")) for o in overrides)
             or cfg.run_dir.resolve() == folder.resolve()):
         return cfg
     logging.getLogger("mt").info("resuming %s, the run folder of %s (its config names %s)", folder, config,

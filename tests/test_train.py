@@ -127,6 +127,13 @@ def test_resume_falls_back_to_the_newest_valid_checkpoint(in_tmp, caplog):
     assert [r["step"] for r in metrics(run_dir) if "train_loss" in r] == [5, 10, 15, 20, 25]
 
 
+def test_resuming_a_finished_run_logs_its_checkpoint_average_once(in_tmp):
+    config = load_config(TINY, [*short("averaged", 20), "train.average_last=2"])
+    run_dir = train(config, show_progress=False)
+    train(config, resume=True, show_progress=False)  # as after a kill while tuning, which follows averaging
+    assert [r["step"] for r in metrics(run_dir) if "averaged" in r] == [20]
+
+
 def test_early_stopping_stops_after_patience(in_tmp):
     run_dir = train(load_config(TINY, [*short("patient", 1000), "train.patience=1", "train.valid_every=2",
                                        "train.lr=0"]), show_progress=False)

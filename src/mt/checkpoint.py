@@ -88,6 +88,11 @@ def remove_partial_files(run_dir: Path) -> None:
                 f.write(b"\n")
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint of a run: last.pt, best.pt or a numbered one."""
+    return (folder / LAST).is_file() or (folder / BEST).is_file() or bool(numbered_checkpoints(folder))
+
+
 def numbered_checkpoints(run_dir: Path) -> list[Path]:
     """The step_*.pt checkpoints of a run, newest first."""
     return sorted(run_dir.glob("step_*.pt"), reverse=True)
@@ -146,8 +151,9 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
-    """Deletes the metrics records of steps after `step`, the checkpoint a run resumes from: a run killed
-    between two checkpoints logged steps that it trains and logs again."""
+    """Deletes the metrics records of steps after `step`, the checkpoint a run resumes from, and those of
+    checkpoint averaging at `step`: a run killed between two checkpoints logged steps that it trains and logs
+    again, and a finished run killed after averaging (while tuning, say) averages again when resumed."""
     path = run_dir / METRICS
     if not path.is_file():
         return
@@ -164,7 +170,8 @@ def _step_after(line: bytes, step: int) -> bool:
         record = json.loads(line)
     except ValueError:
         return False
-    return isinstance(record, dict) and _is_number(record.get("step")) and record["step"] > step
+    return (isinstance(record, dict) and _is_number(record.get("step"))
+            and (record["step"] > step or (record["step"] == step and "averaged" in record)))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

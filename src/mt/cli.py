@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
-from mt.errors import Interrupted, MtError
+from mt.errors import DataError, Interrupted, MtError
 
 app = typer.Typer(
     help="Train, run and score a French→English Transformer translator.",
@@ -92,9 +92,10 @@ def _errors_exit_2(command):
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
-            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            typer.echo(f"error: out of memory ({what[:200]}); lower train.batch_tokens or decode.batch_tokens, "
-                       "or the model's size (model.d_model, model.d_ff, the layers)", err=True)
+            # torch's CPU message starts with its C++ source location; what follows the allocator's name says it
+            what = " ".join(str(e).split()).rpartition("DefaultCPUAllocator: ")[2] or type(e).__name__
+            typer.echo(f"error: out of memory ({what[:200]}); a smaller batch (train.batch_tokens, "
+                       "decode.batch_tokens) or model (model.d_model, model.d_ff, the layers) may fit", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -103,7 +104,8 @@ def _errors_exit_2(command):
 def _out_of_memory(e: BaseException) -> bool:
     """Whether `e` says that memory ran out: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
     RuntimeError of torch's CPU allocator."""
-    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+    torch = sys.modules.get("torch")  # not imported for a command that never loads it
+    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
             or "can't allocate memory" in str(e))
 
 
@@ -125,6 +127,7 @@ def train(
     Example: MT_DATA_PATH=../shared/data mt train --config configs/tiny.yaml --set train.max_steps=100
     """
     from mt.config import load_config
+    from mt.train import in_its_own_folder
     from mt.train import train as run_training
 
     _setup_logging(quiet, verbose)
@@ -132,28 +135,9 @@ def train(
         raise MtError("--resume and --overwrite exclude each other")
     cfg = load_config(config, overrides or [])
     if resume and config is not None:
-        cfg = _in_its_own_folder(cfg, config, overrides or [])
+        cfg = in_its_own_folder(cfg, config, overrides or [])
     run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=None if not quiet else False)
     typer.echo(f"run saved in {run_dir}")
-
-
-def _in_its_own_folder(cfg, config: Path, overrides: list[str]):
-    """`cfg` set to resume the run folder that `config` is the saved config of, where that folder is not
-    where its runs_dir and name point: a run that was copied or moved, or a relative runs_dir read from
-    another folder. Unchanged for any other config (a config.yaml beside no checkpoint is no run's), or when
-    --set names the run."""
-    from dataclasses import replace
-
-    from mt.checkpoint import BEST, CONFIG, LAST, numbered_checkpoints
-
-    folder = config.parent
-    is_run = any((folder / name).is_file() for name in (LAST, BEST)) or numbered_checkpoints(folder)
-    if (config.name != CONFIG or not is_run or any(o.startswith(("name=", "runs_dir=")) for o in overrides)
-            or cfg.run_dir.resolve() == folder.resolve()):
-        return cfg
-    logging.getLogger("mt").info("resuming %s, the run folder of %s (its config names %s)", folder, config,
-                                 cfg.run_dir)
-    return replace(cfg, name=folder.resolve().name, runs_dir=str(folder.resolve().parent))
 
 
 @app.command()
@@ -195,8 +179,6 @@ def translate(
         raise MtError("--layer and --head go with --attention")
     if text is not None:
         check_text(text, "TEXT")
-    if attention is not None and not attention.parent.is_dir():  # before decoding, as plots.save would after it
-        raise MtError(f"cannot draw {attention}: folder {attention.parent} not found")
     translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
@@ -231,9 +213,11 @@ def translate(
             except EOFError:
                 break
             try:
-                emit([check_text(line, "that line")])
-            except MtError as e:  # a typing slip costs the line, not the session
+                check_text(line, "that line")
+            except DataError as e:  # a typing slip costs the line, not the session
                 typer.echo(f"error: {e}", err=True)
+                continue
+            emit([line])
     else:
         chunk: list[str] = []
         try:
@@ -243,7 +227,7 @@ def translate(
                     emit(chunk)
                     sys.stdout.flush()
                     chunk = []
-        except MtError:  # the lines before a bad one are translated before its error
+        except DataError:  # a bad line: the lines before it are translated before its error
             if chunk:
                 emit(chunk)
             raise
@@ -259,7 +243,8 @@ def input_line(prompt: str) -> str:
     if not raw:
         sys.stderr.write("\n")
         raise EOFError
-    return raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "surrogateescape")  # bad bytes: check_text names them
+    # In the terminal's encoding, as sys.stdin would read it; bytes it cannot decode are left for check_text to name.
+    return raw.rstrip(b"\n").rstrip(b"\r").decode(sys.stdin.encoding or "utf-8", "surrogateescape")
 
 
 def _draw_attention(translator, text: str, path: Path, layer: int | None, head: int | None,

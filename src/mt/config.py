@@ -164,7 +164,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def load_run_config(path: Path) -> Config:
     """A run's saved config.yaml. mt writes every section into it: one that lacks a section was emptied or cut
     short, and the built-in defaults in the section's place would decode or resume with settings the run never
-    had.
+    had. Keys missing inside a section still take their defaults: a run saved by an older mt lacks the keys
+    added since.
 
     Raises:
         ConfigError: naming the file and what it lacks, or as `load_config`.

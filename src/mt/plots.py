@@ -101,7 +101,7 @@ def save(fig, path: Path) -> Path:
     """Writes `fig` to `path` (a PNG when it has no suffix) and returns the path written.
 
     Raises:
-        MtError: for a folder, or a suffix that names no format matplotlib writes.
+        MtError: for a folder, a path in no folder, or a suffix that names no format matplotlib writes.
     """
     try:
         if path.is_dir():

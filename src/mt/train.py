@@ -13,11 +13,12 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,20 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def in_its_own_folder(config: Config, path: Path, overrides: Sequence[str] = ()) -> Config:
+    """`config`, read from `path`, set to resume the folder `path` is in when `path` is a run's own config.yaml
+    (one beside checkpoints) and that folder is not where its runs_dir and name point: a run copied or moved
+    elsewhere, or a relative runs_dir read from another folder. Unchanged for any other config, and when an
+    override names the run."""
+    folder = Path(os.path.abspath(path.parent))  # as given: a symlinked folder keeps its own name
+    named = {override.partition("=")[0].strip() for override in overrides}
+    if (path.name != checkpoint.CONFIG or not checkpoint.has_checkpoint(folder) or named & {"name", "runs_dir"}
+            or (config.run_dir.exists() and config.run_dir.samefile(folder))):
+        return config
+    log.info("resuming %s, the run folder of %s (its config names %s)", folder, path, config.run_dir)
+    return replace(config, name=folder.name, runs_dir=str(folder.parent))
 
 
 def check_trainable(config: Config) -> None:

@@ -146,8 +146,10 @@ class Translator:
         if weights is None and not path.is_file():
             path = run_dir / checkpoint.LAST
             if not path.is_file():
-                raise CheckpointError(f"no checkpoint in {run_dir}: neither {checkpoint.BEST} nor {checkpoint.LAST} "
-                                      "(a run that stopped before its first save?)")
+                others = sorted(p.name for p in run_dir.glob("*.pt"))
+                raise CheckpointError(f"{run_dir} has neither {checkpoint.BEST} nor {checkpoint.LAST}: " + (
+                    f"pick one of {', '.join(others[:5])} with --weights" if others
+                    else "no checkpoint at all (a run that stopped before its first save?)"))
         state = checkpoint.load(path)
         embed = state["model"].get("embed.weight")
         if embed is not None and embed.shape[0] != tokenizer.vocab_size:

@@ -214,12 +214,13 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):
     assert checkpoint.load(in_tmp / "runs" / "tiny" / "last.pt")["progress"]["step"] >= 3
 
 
-def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path):
+def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path, data_path):
     import shutil
 
     from mt import checkpoint
 
     monkeypatch.chdir(trained)  # where the copy's config (runs_dir: runs, name: tiny) points at the original
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
     original = trained / "runs" / "tiny"
     copy = tmp_path / "backup" / "tiny-copy"
     shutil.copytree(original, copy)

@@ -163,14 +163,17 @@ def test_run_name_must_be_a_folder_name(tmp_path, monkeypatch, name):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_start_that_failed_early_says_so_and_overwrite_clears_it(in_tmp):
+def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in_tmp):
     one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"), r"nope\.fr")
-    assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left
-    one_line_error(run("train", "--config", TINY), r"runs/tiny already exists \(it holds no checkpoint: an "
-                                                   r"earlier start stopped early\); pass --resume .* --overwrite")
-    result = run("train", "--config", TINY, "--set", "train.max_steps=2", "--set", "train.valid_every=2",
-                 "--overwrite")
+    assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left: no checkpoint
+    short = ["--set", "train.max_steps=2", "--set", "train.valid_every=2"]
+    result = run("train", "--config", TINY, *short)  # the corrected command, as it was
     assert result.exit_code == 0, result.output
+    one_line_error(run("train", "--config", TINY, *short), r"runs/tiny already exists; pass --resume .* --overwrite")
+    (in_tmp / "runs" / "tiny" / "eval").mkdir(exist_ok=True)
+    (in_tmp / "runs" / "tiny" / "eval" / "my_scores.txt").write_text("mine")  # a user's file in mt's folder
+    one_line_error(run("train", "--config", TINY, *short, "--overwrite"), r"holds files mt did not write "
+                   r"\(eval/my_scores\.txt\)")
 
 
 def test_real_process_shows_no_traceback(tmp_path):

@@ -134,6 +134,25 @@ def test_resuming_a_finished_run_logs_its_checkpoint_average_once(in_tmp):
     assert [r["step"] for r in metrics(run_dir) if "averaged" in r] == [20]
 
 
+def test_resume_refuses_another_model_names_changed_settings_and_keeps_the_runs_decoding(in_tmp, caplog):
+    from dataclasses import replace
+
+    from mt.config import save_config
+    from mt.errors import ConfigError
+
+    config = load_config(TINY, short("changes", 10))
+    run_dir = train(config, show_progress=False)
+    with pytest.raises(ConfigError, match=r"cannot resume .*: model\.d_ff: 64 → 96; tokenizer\.vocab_size: 600 → 500 "):
+        train(load_config(TINY, [*short("changes", 20), "model.d_ff=96", "tokenizer.vocab_size=500"]), resume=True)
+    tuned = replace(config, decode=replace(config.decode, beam_size=2, length_penalty=0.6))  # as mt tune stores it
+    save_config(tuned, run_dir / checkpoint.CONFIG)
+    train(load_config(TINY, [*short("changes", 12), "train.lr=0.001"]), resume=True, show_progress=False)
+    assert "with changed settings: train.lr: 0.003 → 0.001\n" in caplog.text  # max_steps: not worth a word
+    assert "decode section it has (mt tune may have chosen it), not this config's (decode.length_penalty: " \
+           "0.6 → 1.0)" in caplog.text
+    assert load_config(run_dir / checkpoint.CONFIG).decode == tuned.decode
+
+
 def test_early_stopping_stops_after_patience(in_tmp):
     run_dir = train(load_config(TINY, [*short("patient", 1000), "train.patience=1", "train.valid_every=2",
                                        "train.lr=0"]), show_progress=False)
@@ -200,7 +219,7 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
     assert written[0][1].endswith("runs/board/tensorboard")
     assert ("train_loss", 5) in written and ("valid_bleu", 10) in written
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
-    with pytest.raises(MtError, match=r"pip install 'mt\[tensorboard\]'"):
+    with pytest.raises(MtError, match=r"needs the tensorboard package: pip install tensorboard"):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)
 
 

@@ -207,11 +207,18 @@ def _is_number(value: Any) -> bool:
 
 
 def foreign_files(run_dir: Path) -> list[str]:
-    """The names in `run_dir` that `mt` does not write there: a folder holding any is not deleted."""
+    """The names in `run_dir`, and in the folders mt writes into it, that `mt` does not write there: a folder
+    holding any is not deleted."""
     ours = {CONFIG, TOKENIZER, LAST, BEST, AVERAGED, METRICS, DATA_STATS, LOG, CACHE, "eval", "tensorboard"}
-    return sorted(p.name for p in run_dir.iterdir()
-                  if p.name not in ours and not fnmatch.fnmatch(p.name, "step_*.pt")
-                  and not fnmatch.fnmatch(p.name, ".*.tmp") and not fnmatch.fnmatch(p.name, ".*.link"))
+    foreign = [p.name for p in run_dir.iterdir()
+               if p.name not in ours and not fnmatch.fnmatch(p.name, "step_*.pt")
+               and not fnmatch.fnmatch(p.name, ".*.tmp") and not fnmatch.fnmatch(p.name, ".*.link")]
+    # mt's own files in its folders: eval's hypotheses (test.beam5.en) and TensorBoard's event files
+    for folder, pattern in (("eval", "*.beam*.*"), ("tensorboard", "events.out.tfevents.*")):
+        if (run_dir / folder).is_dir():
+            foreign += [f"{folder}/{p.name}" for p in (run_dir / folder).iterdir()
+                        if not (p.is_file() and fnmatch.fnmatch(p.name, pattern))]
+    return sorted(foreign)
 
 
 def check_run(run_dir: Path) -> Path:

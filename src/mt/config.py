@@ -44,7 +44,7 @@ class DataConfig:
     test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`")
     src_lang: str = option("fr", "file suffix of the source side")
     tgt_lang: str = option("en", "file suffix of the target side")
-    max_pairs: int = option(0, "use only the first N training pairs (0 = all)", min=0)
+    max_pairs: int = option(0, "use only the first N pairs of each training corpus (0 = all)", min=0)
     max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1)
     max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this (.inf = keep all)",
                               min=1.0, inf=True)
@@ -103,7 +103,7 @@ class TrainConfig:
         "auto", "scaled_dot_product_attention kernel tried first in training (the others follow where it cannot "
         "run): auto = math on the CPU, flash on CUDA; never cuDNN")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
-                                      "'mt[tensorboard]')")
+                                      "tensorboard)")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
     compile: bool = option(False, "compile the training forward pass with torch.compile (dynamic shapes): fused "
                            "kernels, fewer launches; the first steps take a minute longer")

@@ -130,6 +130,10 @@ def _parse_dataset(spec: dict) -> DatasetCorpus:
     for key in ("src_field", "tgt_field"):
         if not isinstance(spec.get(key), str) or not spec[key]:
             raise ValueError(f"a dataset corpus needs {key}, e.g. src_field: translation.fr")
+    for key in ("hub", "disk", "config", "split"):
+        if key in spec and not (isinstance(spec[key], str) and spec[key]):
+            raise ValueError(f"a dataset corpus's {key} is a name, got {spec[key]!r}"
+                             + (f" (quote it: {key}: '{spec[key]}')" if isinstance(spec[key], int | float) else ""))
     where = spec.get("hub") or spec.get("disk")
     split = spec.get("split", "train")
     name = f"{where}{'/' + spec['config'] if spec.get('config') else ''}:{split}"

@@ -113,10 +113,17 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         if not (run_dir / checkpoint.CONFIG).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {checkpoint.CONFIG})")
         saved = load_run_config(run_dir / checkpoint.CONFIG)
-        for section in ("model", "tokenizer", "data"):
-            if getattr(saved, section) != getattr(config, section):
-                raise ConfigError(f"cannot resume {run_dir}: the {section} section differs from the run's "
-                                  f"{checkpoint.CONFIG}; resume with the same config or train a new run")
+        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)]
+        if fixed:
+            raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {checkpoint.CONFIG} "
+                              "against this config): resume with the run's own settings or train a new run")
+        # Longer or shorter is what a resume is for; any other change is worth a word.
+        stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
+        if changed := [c for c in _changes(saved, config, "train") if not c.startswith(stops)]:
+            log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
+        if changed := _changes(saved, config, "decode"):
+            log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
+                        "config's (%s): edit its %s to change it", run_dir, "; ".join(changed), checkpoint.CONFIG)
         checkpoint.remove_partial_files(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -124,10 +131,11 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         if foreign:  # never delete what mt did not write
             raise MtError(f"{run_dir} exists and holds files mt did not write ({', '.join(foreign[:3])}); choose "
                           "another name with --set name=NEW or another runs_dir")
-        if not overwrite:
-            started = "" if any(run_dir.glob("*.pt")) else " (it holds no checkpoint: an earlier start stopped early)"
-            raise MtError(f"run folder {run_dir} already exists{started}; pass --resume to continue it, "
-                          "--overwrite to start it again, or choose another name with --set name=NEW")
+        if not checkpoint.has_checkpoint(run_dir):  # an earlier start that stopped early: nothing to resume
+            log.info("%s holds no checkpoint (an earlier start stopped early): starting it again", run_dir)
+        elif not overwrite:
+            raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
+                          "start it again, or choose another name with --set name=NEW")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -145,6 +153,12 @@ def in_its_own_folder(config: Config, path: Path, overrides: Sequence[str] = ())
         return config
     log.info("resuming %s, the run folder of %s (its config names %s)", folder, path, config.run_dir)
     return replace(config, name=folder.name, runs_dir=str(folder.parent))
+
+
+def _changes(saved: Config, config: Config, section: str) -> list[str]:
+    """"section.key: saved → new" for each key of `section` whose value differs between the two configs."""
+    before, after = config_to_dict(saved)[section], config_to_dict(config)[section]
+    return [f"{section}.{key}: {before[key]} → {after[key]}" for key in before if before[key] != after[key]]
 
 
 def check_trainable(config: Config) -> None:
@@ -380,6 +394,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         logger.setLevel(logging.WARNING)
         show_progress = False
     run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite), others=lambda: config.run_dir)
+    if resume:  # the run's own decoding settings: mt tune may have chosen them
+        config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
     file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8") if ctx.is_main else None
     if file_log:
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -718,7 +734,7 @@ def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise MtError("train.tensorboard needs the tensorboard package: pip install 'mt[tensorboard]'") from None
+        raise MtError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

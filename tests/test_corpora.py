@@ -128,6 +128,10 @@ def test_dataset_spec_is_checked():
         corpora.parse_corpus({"hub": "wmt14", "disk": "x", "src_field": "a", "tgt_field": "b"})
     with pytest.raises(ValueError, match="needs src_field"):
         corpora.parse_corpus({"hub": "wmt14"})
+    with pytest.raises(ValueError, match=r"config is a name, got 2016 \(quote it: config: '2016'\)"):
+        corpora.parse_corpus({"hub": "x", "config": 2016, "src_field": "a", "tgt_field": "b"})  # as YAML reads it
+    with pytest.raises(ValueError, match=r"hub is a name, got \['x'\]"):
+        corpora.parse_corpus({"hub": ["x"], "src_field": "a", "tgt_field": "b"})
     spec = corpora.parse_corpus({"hub": "wmt14", "config": "fr-en", "split": "train",
                                  "src_field": "translation.fr", "tgt_field": "translation.en"})
     assert spec.name == "wmt14/fr-en:train"

@@ -28,6 +28,7 @@ def mt_train(folder, launcher, *overrides):
         # exception" (SIGABRT). One more launch; a wrong result still fails below.
         result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run saved in") == 1  # rank 0 speaks for the run
     return folder / "runs" / "tiny"
 
 

@@ -137,7 +137,8 @@ def train(
     if resume and config is not None:
         cfg = in_its_own_folder(cfg, config, overrides or [])
     run_dir = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=None if not quiet else False)
-    typer.echo(f"run saved in {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        typer.echo(f"run saved in {run_dir}")
 
 
 @app.command()

@@ -163,8 +163,11 @@ def test_run_name_must_be_a_folder_name(tmp_path, monkeypatch, name):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in_tmp):
-    one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"), r"nope\.fr")
+def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in_tmp, monkeypatch):
+    with monkeypatch.context() as patch:  # a typo in data.valid fails before the training data is read
+        patch.setattr("mt.train.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
+        one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"),
+                       r"nope\.fr")
     assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left: no checkpoint
     short = ["--set", "train.max_steps=2", "--set", "train.valid_every=2"]
     result = run("train", "--config", TINY, *short)  # the corrected command, as it was

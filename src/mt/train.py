@@ -183,6 +183,7 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     import datasets
 
     data = config.data
+    valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)  # a typo fails before the long read
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
@@ -197,7 +198,6 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
         names.append(files.name + (f"*{repeat}" if repeat > 1 else ""))
         cleaning.append({"corpus": files.name, "repeat": repeat, **asdict(report)})
     train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)
     valid = load_corpus(valid_files)
     if len(valid) == 0:
         raise DataError(f"validation corpus {valid_files.name} is empty")

@@ -38,7 +38,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                    help="Print mt's version and exit.")] = False) -> None:
-    """Train, run and score a French→English Transformer translator."""
+    pass  # the options of `mt` itself; the help text is the Typer app's
 
 
 RunOption = Annotated[

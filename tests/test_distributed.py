@@ -16,9 +16,9 @@ STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train
          "train.batch_tokens=600"]
 
 
-def mt_train(folder, launcher, *overrides):
+def mt_train(folder, launcher, *overrides, resume=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(folder)}  # torchrun's own temporary folders too
-    args = [*launcher, "train", "--config", TINY, "--quiet", "--overwrite"]
+    args = [*launcher, "train", "--config", TINY, "--quiet", "--resume" if resume else "--overwrite"]
     for override in (*STEPS, *overrides):
         args += ["--set", override]
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
@@ -54,6 +54,17 @@ def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, 
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)
     log = (double / "train.log").read_text()
     assert "distributed: 2 ranks × 1 accumulated batches" in log
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_resuming_on_more_processes_says_what_an_update_becomes(tmp_path, data_path, monkeypatch):
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    run_dir = mt_train(tmp_path, [sys.executable, "-m", "mt"], "train.max_steps=4")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
+    mt_train(tmp_path, torchrun, "train.max_steps=6", resume=True)
+    assert checkpoint.load(run_dir / "last.pt")["progress"]["ranks"] == 2
+    assert ("the run trained on 1 process(es) and goes on with 2: an update now takes 2 batches of 600 tokens "
+            "instead of 1") in (run_dir / "train.log").read_text()
 
 
 def test_accumulation_equals_one_big_batch(in_tmp):

@@ -78,6 +78,7 @@ class Progress:
     bad_validations: int = 0  # validations in a row without a better BLEU (early stopping)
     nonfinite_in_a_row: int = 0
     batch_layout: str = ""  # str(mt.data.Layout), chosen at the run's start; "" in older runs
+    ranks: int = 0  # processes that trained it last (torchrun's world size); 0 in older runs
 
 
 @dataclass
@@ -484,6 +485,11 @@ class Trainer:
         self.progress = Progress()
         if resume:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
+        if self.progress.ranks not in (0, self.ctx.world) and self.ctx.is_main:
+            log.warning("the run trained on %d process(es) and goes on with %d: an update now takes %d batches of "
+                        "%d tokens instead of %d (train.accumulate × processes)", self.progress.ranks,
+                        self.ctx.world, self.per_step, tc.batch_tokens, tc.accumulate * self.progress.ranks)
+        self.progress.ranks = self.ctx.world
         self.nonfinite = _NonFinite(self.device, self.progress.nonfinite_in_a_row)
         self.rows = PairTable(self.data.train)
         self.layout = self._batch_layout()

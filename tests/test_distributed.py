@@ -67,6 +67,19 @@ def test_resuming_on_more_processes_says_what_an_update_becomes(tmp_path, data_p
             "instead of 1") in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_a_start_refused_under_torchrun_ends_every_rank_cleanly(tmp_path, data_path, monkeypatch):
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    mt_train(tmp_path, [sys.executable, "-m", "mt"], "train.max_steps=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
+    result = subprocess.run([*torchrun, "train", "--config", TINY, "--quiet"], cwd=tmp_path,  # the run exists
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.stderr.count("error: run folder") == 2, result.stderr[-3000:]  # each rank's one line
+    assert "terminate called" not in result.stderr  # a rank left in the process group aborted at exit
+    assert "exitcode  : 2" in result.stderr
+
+
 def test_accumulation_equals_one_big_batch(in_tmp):
     """Accumulating batches A and B gives the update that one batch of A and B together gives."""
     from mt.config import load_config

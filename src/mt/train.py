@@ -394,14 +394,16 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
     if not ctx.is_main:
         logger.setLevel(logging.WARNING)
         show_progress = False
-    run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite), others=lambda: config.run_dir)
-    if resume:  # the run's own decoding settings: mt tune may have chosen them
-        config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
-    file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8") if ctx.is_main else None
-    if file_log:
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(file_log)
-    try:
+    file_log = None
+    try:  # from here on the process group is torn down whatever happens: a rank left in it aborts at exit
+        run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite),
+                              others=lambda: config.run_dir)
+        if resume:  # the run's own decoding settings: mt tune may have chosen them
+            config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
+        if ctx.is_main:
+            file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8")
+            file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(file_log)
         trainer = Trainer(config, run_dir, resume, ctx)
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)

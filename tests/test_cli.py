@@ -379,7 +379,7 @@ def test_plot_runs_and_info(trained, monkeypatch):
     [
         (lambda d: None, ["train", "--config", "nowhere.yaml"], r"config file not found: nowhere\.yaml"),
         (lambda d: None, ["train", "--config", TINY, "--set", "data.train={src: no.fr, tgt: no.en}"],
-         r"corpus file not found: no\.fr"),
+         r"corpus file not found: no\.fr \(a relative path: read from /\S+\)"),
         (lambda d: (d / "bad.fr").write_bytes(b"ok\n\xff\n") and (d / "bad.en").write_bytes(b"ok\nok\n"),
          ["train", "--config", TINY, "--set", "data.train={src: bad.fr, tgt: bad.en}"],
          r"bad\.fr, line 2: not valid UTF-8"),

@@ -184,8 +184,9 @@ def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusF
         src, tgt = parsed
         for path in (src, tgt):
             if not path.is_file():
+                where = "" if path.is_absolute() else f" (a relative path: read from {Path.cwd()})"
                 raise DataError(f"corpus file {path} is a folder" if path.is_dir()
-                                else f"corpus file not found: {path}")
+                                else f"corpus file not found: {path}{where}")
         return CorpusFiles(f"{src} | {tgt}", src, tgt)
     name, split = parsed
     looked = []

@@ -60,8 +60,8 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
             raise DataError(f"{name}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
 
 
-def check_text(text: str, where: str) -> str:
-    """`text` itself, if it holds no undecodable bytes: Python turns those of a command-line argument or of
+def check_text(text: str, where: str) -> None:
+    """Checks that `text` holds no undecodable bytes: Python turns those of a command-line argument or of
     stdin (under a non-UTF-8 locale) into lone surrogates, which no tokenizer can encode.
 
     Raises:
@@ -73,7 +73,6 @@ def check_text(text: str, where: str) -> str:
         code = ord(text[e.start])
         byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
         raise DataError(f"{where}: not valid UTF-8 ({byte})") from None
-    return text
 
 
 def read_lines(path: Path) -> list[str]:

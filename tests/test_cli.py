@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, write_pair
 from mt.cli import app
+from mt.errors import DataError
 from mt.tokenizer import Tokenizer
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -177,6 +179,21 @@ def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in
     (in_tmp / "runs" / "tiny" / "eval" / "my_scores.txt").write_text("mine")  # a user's file in mt's folder
     one_line_error(run("train", "--config", TINY, *short, "--overwrite"), r"holds files mt did not write "
                    r"\(eval/my_scores\.txt\)")
+
+
+def test_a_test_set_typo_fails_before_training_and_no_test_set_is_downloaded(in_tmp, monkeypatch):
+    monkeypatch.setattr("mt.train.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
+    monkeypatch.setattr("mt.corpora.download", lambda *a, **k: pytest.fail("downloaded a test set"))
+    one_line_error(run("train", "--config", TINY, "--set", "data.test=multi30k:test_2061_flickr"),
+                   r"data\.test: corpus multi30k:test_2061_flickr not found .*known splits of multi30k")
+    one_line_error(run("train", "--config", TINY, "--set", "data.test={src: nope.fr, tgt: nope.en}", "--overwrite"),
+                   r"data\.test: corpus file not found: nope\.fr")
+    monkeypatch.setenv("MT_DATA_PATH", str(in_tmp))  # multi30k nowhere: its test set is mt eval's to download
+    monkeypatch.setattr("mt.train.load_corpus", Mock(side_effect=DataError("reached the training data")))
+    src, tgt = write_pair(in_tmp, "pairs", ["Un chat."], ["A cat."])
+    pair = f"{{src: {src}, tgt: {tgt}}}"
+    one_line_error(run("train", "--config", TINY, "--set", f"data.train={pair}", "--set", f"data.valid={pair}",
+                       "--overwrite"), r"reached the training data")
 
 
 def test_real_process_shows_no_traceback(tmp_path):

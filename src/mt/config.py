@@ -41,7 +41,8 @@ class DataConfig:
     train: CorpusList = option("multi30k:train", "training corpus: `name:split`, `{src: PATH, tgt: PATH}`, or a "
                                "list of them; `name:split*N` repeats one N times")
     valid: CorpusSpec = option("multi30k:valid", "validation corpus (loss, BLEU, early stopping)")
-    test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`")
+    test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`; `mt train` checks at "
+                              "the start that it can be found")
     src_lang: str = option("fr", "file suffix of the source side")
     tgt_lang: str = option("en", "file suffix of the target side")
     max_pairs: int = option(0, "use only the first N pairs of each training corpus (0 = all)", min=0)

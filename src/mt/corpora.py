@@ -168,8 +168,12 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusFiles | DatasetCorpus:
+def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en",
+            fetch: bool = True) -> CorpusFiles | DatasetCorpus | None:
     """Finds the files of a corpus spec (a dataset corpus is returned as it is: `datasets` finds it).
+
+    A named corpus found in no folder is downloaded from its public source; with `fetch` False it is not, and
+    the result is None (a check of the spec only).
 
     Raises:
         DataError: if the spec is malformed or its files are not found, naming where it looked.
@@ -197,6 +201,8 @@ def resolve(spec: object, src_lang: str = "fr", tgt_lang: str = "en") -> CorpusF
         looked.append(str(folder / name))
     keys = [f"{name}/{split}.{lang}" for lang in (src_lang, tgt_lang)]
     if all(key in DOWNLOADS for key in keys):
+        if not fetch:
+            return None
         src, tgt = (download(key) for key in keys)
         return CorpusFiles(f"{name}:{split}", src, tgt)
     known = KNOWN.get(name)

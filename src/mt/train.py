@@ -185,6 +185,10 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
 
     data = config.data
     valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)  # a typo fails before the long read
+    try:  # mt eval's, checked now rather than after training; a corpus mt would download is not fetched yet
+        corpora.resolve(data.test, data.src_lang, data.tgt_lang, fetch=False)
+    except DataError as e:
+        raise DataError(f"data.test: {e}") from None
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)

@@ -495,6 +495,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
         (["plot", "runs/tiny", "-o", "p.xyz"], None, r"cannot draw p\.xyz: matplotlib writes .*png.*, not xyz"),
         (["plot", "runs/tiny", "-o", "runs"], None, r"runs is a folder; give a file name"),
         (["average", "--run", "nope"], None, r"run folder not found: nope"),
+        (["tune", "--run", "nope"], None, r"run folder not found: nope"),
+        (["eval", "--run", "e.en"], None, r"e\.en is a file, not a run folder"),
         (["tune", "--penalties", "nan"], None, r"length penalties finite numbers >= 0"),
         (["eval", "--src", "e.fr", "--ref", "e.en"], None, r"test set e\.fr \| e\.en is empty"),
         (["bench", "--config", TINY, "--run", "runs/tiny", "--test", "multi30k:typo"], None,
@@ -503,7 +505,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
          "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file", "attention-into-no-folder",
-         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-nan",
+         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-no-run",
+         "eval-run-is-a-file", "tune-nan",
          "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],
 )

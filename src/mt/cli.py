@@ -167,7 +167,6 @@ def translate(
     mt translate --input news.fr > news.en;  cat news.fr | mt translate --json --nbest 3;
     mt translate "Un homme joue de la guitare." --attention attention.png
     """
-    from mt.checkpoint import latest_run
     from mt.data import check_text, decode_lines, read_lines
     from mt.translate import Translator
 
@@ -180,7 +179,7 @@ def translate(
         raise MtError("--layer and --head go with --attention")
     if text is not None:
         check_text(text, "TEXT")
-    translator = Translator.load(run or latest_run(runs_dir), device=device, weights=weights)
+    translator = Translator.load(_run_folder(run, runs_dir), device=device, weights=weights)
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
     if nbest > 1 and (beam or translator.config.decode.beam_size) < nbest:
@@ -319,7 +318,7 @@ def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: t
     from mt.model import Transformer
     from mt.tokenizer import Tokenizer
 
-    run_dir = checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
+    run_dir = _run_folder(run, runs_dir)
     config = load_run_config(run_dir / checkpoint.CONFIG)
     tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
     params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
@@ -356,7 +355,6 @@ def evaluate(
 
     Example: mt eval --run runs/multi30k --test multi30k:test_2016_flickr,multi30k:test_2017_flickr
     """
-    from mt.checkpoint import latest_run
     from mt.evaluate import evaluate_run
 
     _setup_logging(quiet=True)
@@ -368,7 +366,7 @@ def evaluate(
         tests = [{"src": str(src), "tgt": str(ref)}]
     else:
         tests = [_corpus_arg(item) for item in test.split(",")] if test is not None else None
-    results = evaluate_run(run or latest_run(runs_dir), tests, beam_size=beam, device=device, weights=weights)
+    results = evaluate_run(_run_folder(run, runs_dir), tests, beam_size=beam, device=device, weights=weights)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
@@ -396,7 +394,7 @@ def average(
     """
     from mt import checkpoint
 
-    run_dir = checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
+    run_dir = _run_folder(run, runs_dir)
     paths = checkpoint.numbered_checkpoints(run_dir)[:last]
     if len(paths) < last:
         raise MtError(f"{run_dir} has {len(paths)} numbered checkpoints, fewer than --last {last}; "
@@ -420,7 +418,6 @@ def tune(
 
     Example: mt tune --run runs/multi30k --beams 4,5,8 --penalties 0.8,1.0,1.2
     """
-    from mt.checkpoint import latest_run
     from mt.evaluate import tune_run
 
     try:
@@ -432,7 +429,7 @@ def tune(
     if min(beam_list) < 1 or not all(0 <= p < math.inf for p in penalty_list):  # NaN fails the test too
         raise MtError(f"beam sizes must be >= 1 and length penalties finite numbers >= 0; got {beams!r}, "
                       f"{penalties!r}")
-    run_dir = run or latest_run(runs_dir)
+    run_dir = _run_folder(run, runs_dir)
     results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
     for r in results:
         typer.echo(f"beam {r['beam_size']:>2}  length penalty {r['length_penalty']:.2f}  BLEU {r['bleu']:6.2f}")
@@ -477,6 +474,13 @@ def bench(
             run = None
     typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test,
                                            rounds=rounds, decode=decode, reference=reference)))
+
+
+def _run_folder(run: Path | None, runs_dir: Path) -> Path:
+    """The run a command reads: `--run`, else the newest under `runs_dir`; a run folder either way."""
+    from mt import checkpoint
+
+    return checkpoint.check_run(run or checkpoint.latest_run(runs_dir))
 
 
 def _corpus_arg(text: str) -> str | dict[str, str]:

@@ -73,7 +73,7 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
     from mt.data import read_corpus
     from mt.translate import Translator
 
-    _check_writable(Path(run_dir))  # before the decoding, not after it
+    _check_writable(checkpoint.check_run(Path(run_dir)))  # before the decoding, not after it
     translator = Translator.load(run_dir, device=device, weights=weights)
     config = translator.config
     if streams is not None:

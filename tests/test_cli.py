@@ -505,9 +505,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
          "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file", "attention-into-no-folder",
-         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run", "tune-no-run",
-         "eval-run-is-a-file", "tune-nan",
-         "eval-empty",
+         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run",
+         "tune-no-run", "eval-run-is-a-file", "tune-nan", "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],
 )
 def test_bad_requests_to_a_trained_run(trained, monkeypatch, args, stdin, pattern):

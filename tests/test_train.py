@@ -146,8 +146,13 @@ def test_resume_refuses_another_model_names_changed_settings_and_keeps_the_runs_
         train(load_config(TINY, [*short("changes", 20), "model.d_ff=96", "tokenizer.vocab_size=500"]), resume=True)
     tuned = replace(config, decode=replace(config.decode, beam_size=2, length_penalty=0.6))  # as mt tune stores it
     save_config(tuned, run_dir / checkpoint.CONFIG)
-    train(load_config(TINY, [*short("changes", 12), "train.lr=0.001"]), resume=True, show_progress=False)
-    assert "with changed settings: train.lr: 0.003 → 0.001\n" in caplog.text  # max_steps: not worth a word
+    with pytest.raises(ConfigError, match=r"cannot resume .*: data\.max_pairs: 150 → 5 \("):  # alone: the others pass
+        train(load_config(TINY, [*short("changes", 20), "data.max_pairs=5", "data.workers=2",
+                                 "data.test=multi30k:test_2017_flickr"]), resume=True)
+    train(load_config(TINY, [*short("changes", 12), "train.lr=0.001", "data.test=multi30k:test_2017_flickr"]),
+          resume=True, show_progress=False)
+    assert ("with changed settings: data.test: multi30k:test_2016_flickr → multi30k:test_2017_flickr; "
+            "train.lr: 0.003 → 0.001\n") in caplog.text  # max_steps: not worth a word
     assert "decode section it has (mt tune may have chosen it), not this config's (decode.length_penalty: " \
            "0.6 → 1.0)" in caplog.text
     assert load_config(run_dir / checkpoint.CONFIG).decode == tuned.decode

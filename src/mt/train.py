@@ -114,13 +114,18 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         if not (run_dir / checkpoint.CONFIG).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {checkpoint.CONFIG})")
         saved = load_run_config(run_dir / checkpoint.CONFIG)
-        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)]
+        # The tokenizer and the training data are the run's; how many processes read them, and mt eval's test
+        # set, are not.
+        free = ("data.workers:", "data.test:")
+        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)
+                 if not change.startswith(free)]
         if fixed:
             raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {checkpoint.CONFIG} "
                               "against this config): resume with the run's own settings or train a new run")
         # Longer or shorter is what a resume is for; any other change is worth a word.
         stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
-        if changed := [c for c in _changes(saved, config, "train") if not c.startswith(stops)]:
+        changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
+        if changed := changed + [c for c in _changes(saved, config, "train") if not c.startswith(stops)]:
             log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
         if changed := _changes(saved, config, "decode"):
             log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "

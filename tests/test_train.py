@@ -52,6 +52,19 @@ def test_resume_continues_where_the_run_stopped(in_tmp):
     assert [r["step"] for r in metrics(run_dir) if "valid_bleu" in r] == [10, 20, 30]
 
 
+def test_logged_loss_covers_every_step_since_the_last_log_also_across_a_validation(in_tmp, monkeypatch):
+    real_step = Trainer.step
+
+    def step(self, batch_indices):  # the step number as the loss, one target token
+        _, _, lr = real_step(self, batch_indices)
+        return torch.tensor(float(self.progress.step)), 1, lr
+
+    monkeypatch.setattr(Trainer, "step", step)
+    run_dir = train(load_config(TINY, [*short("window", 6), "train.log_every=3", "train.valid_every=2"]),
+                    show_progress=False)
+    assert [(r["step"], r["train_loss"]) for r in metrics(run_dir) if "train_loss" in r] == [(3, 2.0), (6, 5.0)]
+
+
 def short(name: str, steps: int) -> list[str]:
     # 150 pairs make a handful of batches: 20 steps cross several epoch boundaries. Dropout on, so the
     # random state matters.

@@ -582,8 +582,8 @@ class Trainer:
                         self.validate_and_save()
                         last_validated = p.step
                         now = time.perf_counter()
+                        window.start += now - clock  # the window's tokens/s counts training time only
                         p.seconds, clock = p.seconds + now - clock, now
-                        window.flush(self.ctx)
                         finished = self.finished()
                     if stop:
                         self.save_last()

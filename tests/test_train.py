@@ -65,6 +65,19 @@ def test_logged_loss_covers_every_step_since_the_last_log_also_across_a_validati
     assert [(r["step"], r["train_loss"]) for r in metrics(run_dir) if "train_loss" in r] == [(3, 2.0), (6, 5.0)]
 
 
+def test_resume_keeps_a_best_checkpoint_newer_than_the_one_it_resumes_from(in_tmp, caplog):
+    run_dir = train(load_config(TINY, short("newer_best", 10)), show_progress=False)
+    best = checkpoint.load(run_dir / checkpoint.BEST)
+    checkpoint.save({**best, "valid_bleu": 99.0}, run_dir / checkpoint.BEST)  # better than any later validation
+    last = checkpoint.load(run_dir / checkpoint.LAST)
+    last["progress"]["best_bleu"] = -1.0  # saved before best.pt: as after a kill between the two writes
+    checkpoint.save(last, run_dir / checkpoint.LAST)
+    train(load_config(TINY, short("newer_best", 20)), resume=True, show_progress=False)
+    assert checkpoint.load(run_dir / checkpoint.BEST)["valid_bleu"] == 99.0
+    assert checkpoint.load(run_dir / checkpoint.LAST)["progress"]["best_bleu"] == 99.0
+    assert "best.pt (step 10, BLEU 99.00) is newer than the checkpoint resumed from" in caplog.text
+
+
 def short(name: str, steps: int) -> list[str]:
     # 150 pairs make a handful of batches: 20 steps cross several epoch boundaries. Dropout on, so the
     # random state matters.

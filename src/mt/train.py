@@ -528,10 +528,25 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         if self.ctx.is_main:
             checkpoint.drop_metrics_after(self.run_dir, self.progress.step)
+            self._keep_a_newer_best()
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.progress.step, self.progress.epoch + 1)
+
+    def _keep_a_newer_best(self) -> None:
+        """Takes best.pt's BLEU as the best so far where it beats the checkpoint resumed from: one written after
+        that checkpoint (a kill between best.pt and last.pt, or a damaged last.pt). A later, worse validation
+        then does not overwrite it."""
+        p = self.progress
+        try:
+            best = checkpoint.load(self.run_dir / checkpoint.BEST)
+        except CheckpointError:  # none yet, or damaged: the next better validation writes it
+            return
+        if best.get("valid_bleu", -math.inf) > p.best_bleu:
+            log.warning("%s (step %d, BLEU %.2f) is newer than the checkpoint resumed from (step %d): kept as the "
+                        "best so far", checkpoint.BEST, best["step"], best["valid_bleu"], p.step)
+            p.best_bleu, p.best_step = best["valid_bleu"], best["step"]
 
     def finished(self) -> bool:
         """Whether a stopping condition is met; under DDP, rank 0's answer holds on every rank."""

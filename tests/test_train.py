@@ -245,10 +245,14 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
         def flush(self):
             pass
 
+        def close(self):
+            written.append(("closed", None))
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     train(load_config(TINY, [*short("board", 10), "train.tensorboard=true"]), show_progress=False)
     assert written[0][1].endswith("runs/board/tensorboard")
     assert ("train_loss", 5) in written and ("valid_bleu", 10) in written
+    assert written[-1] == ("closed", None)  # its writer thread ended with the run
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(MtError, match=r"needs the tensorboard package: pip install tensorboard"):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)

@@ -400,10 +400,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
     """
     ctx = distributed.setup()
     logger = logging.getLogger("mt")
+    level = logger.level
     if not ctx.is_main:
         logger.setLevel(logging.WARNING)
         show_progress = False
-    file_log = None
+    file_log = trainer = None
     try:  # from here on the process group is torn down whatever happens: a rank left in it aborts at exit
         run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite),
                               others=lambda: config.run_dir)
@@ -427,9 +428,12 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
             shutil.rmtree(run_dir / checkpoint.CACHE, ignore_errors=True)
         return run_dir
     finally:
+        if trainer is not None and trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         if file_log:
             logger.removeHandler(file_log)
             file_log.close()
+        logger.setLevel(level)
         distributed.teardown(ctx)
 
 

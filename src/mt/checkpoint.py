@@ -4,13 +4,15 @@
         config.yaml       the resolved config of the run
         tokenizer.model   the SentencePiece model
         last.pt           model, optimizer, schedule, data position, random state: what resume needs
-        step_NNNNNNN.pt   the same at earlier validations (the newest `train.keep_checkpoints`)
+        step_NNNNNNN.pt   the same at earlier saves (the newest `train.keep_checkpoints`)
         best.pt           the model weights with the best validation BLEU, for translation
         averaged.pt       the mean of the last N numbered checkpoints (`mt average`, `train.average_last`)
         metrics.jsonl     one JSON object per log or validation event
         data.json         what data preparation read and removed
         train.log         the training log
         cache/            the tokenized training data while the run trains; removed when it finishes
+        eval/             the hypotheses of `mt eval`
+        tensorboard/      TensorBoard's event files (`train.tensorboard`)
 """
 
 from __future__ import annotations

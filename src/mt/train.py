@@ -3,7 +3,7 @@
 The schedule is the Transformer paper's (Vaswani et al., 2017, section 5.3) with the peak given directly:
 linear warmup to `train.lr`, then decay with the inverse square root of the step. The loss is label-smoothed
 cross-entropy (Szegedy et al., 2016) over the real (non-padding) target tokens only, so no output
-projection is spent on padding. On CUDA the forward pass runs under bf16 autocast.
+projection is spent on padding. `train.precision` says in which dtype the forward pass runs.
 """
 
 from __future__ import annotations

@@ -458,9 +458,9 @@ def _main_first(ctx: distributed.Context, make: Callable[[], Any], others: Calla
 class Trainer:
     """The model, optimizer, data and progress of one run, and the loop that trains it."""
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool, ctx: distributed.Context | None = None):
+    def __init__(self, config: Config, run_dir: Path, resume: bool, ctx: distributed.Context):
         tc = self.tc = config.train
-        self.config, self.run_dir, self.ctx = config, run_dir, ctx or distributed.Context()
+        self.config, self.run_dir, self.ctx = config, run_dir, ctx
         self.device = resolve_device(config)
         if self.device.type == "cuda" and self.ctx.active:
             self.device = torch.device("cuda", self.ctx.local_rank)

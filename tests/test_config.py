@@ -86,6 +86,18 @@ def test_overrides(tmp_path):
         apply_override(config, "train.lr")
     with pytest.raises(ConfigError, match=r"--set model\.heads=0: model\.heads must be >= 1"):
         apply_override(config, "model.heads=0")
+    with pytest.raises(ConfigError, match=r"--set model\.heads=6: model\.heads \(6\) must divide model\.d_model"):
+        apply_override(config, "model.heads=6")
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_keys_that_go_together_can_be_set_in_either_order(order):
+    pair = ["train.average_last=5", "train.keep_checkpoints=6"][::order]
+    assert load_config(None, pair).train.average_last == 5
+    assert load_config(None, ["model.d_model=96", "model.heads=6"][::order]).model.heads == 6
+    with pytest.raises(ConfigError, match=r"^--set train\.\w+=\d --set train\.\w+=\d --set train\.keep_checkpoints=4: "
+                                          r"train\.average_last \(5\) must be <= train\.keep_checkpoints \(4\)$"):
+        load_config(None, [*pair, "train.keep_checkpoints=4"])
 
 
 def test_missing_file():

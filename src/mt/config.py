@@ -156,9 +156,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         source = str(path)
         raw = _read_sections(path)
         raw.setdefault("name", path.stem)
-    config = _build(Config, raw, "", source)
+    config = read = _build(Config, raw, "", source)
     for override in overrides:
-        config = apply_override(config, override)
+        config = apply_override(config, override, across=False)
+    if problems := _across(config):  # blamed on the overrides where the file alone keeps the rules
+        blame = source if _across(read) or not overrides else " ".join(f"--set {o}" for o in overrides)
+        raise ConfigError(f"{blame}: {problems[0]}")
     return config
 
 
@@ -176,7 +179,10 @@ def load_run_config(path: Path) -> Config:
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: a run's config holds every section, so this one "
                           "was emptied or cut short; restore it, e.g. from a copy of the run")
-    return _build(Config, raw, "", str(path))
+    config = _build(Config, raw, "", str(path))
+    if problems := _across(config):
+        raise ConfigError(f"{path}: {problems[0]}")
+    return config
 
 
 def _read_sections(path: Path) -> dict[str, Any]:
@@ -195,8 +201,10 @@ def _read_sections(path: Path) -> dict[str, Any]:
     return loaded or {}
 
 
-def apply_override(config: Config, override: str) -> Config:
-    """Returns `config` with one `section.key=value` override applied (value parsed as YAML)."""
+def apply_override(config: Config, override: str, across: bool = True) -> Config:
+    """Returns `config` with one `section.key=value` override applied (value parsed as YAML). Without
+    `across`, the rules between keys (model.heads divides model.d_model, ...) are left for the caller to check
+    once every override is in: one override may need the next."""
     source = f"--set {override}"
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
@@ -218,7 +226,10 @@ def apply_override(config: Config, override: str) -> Config:
             node[part] = value
         else:
             node = node[part]
-    return _build(Config, raw, "", source)
+    config = _build(Config, raw, "", source)
+    if across and (problems := _across(config)):
+        raise ConfigError(f"{source}: {problems[0]}")
+    return config
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -291,15 +302,21 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             values[name] = _build(hint, value, f"{prefix}{name}.", source)
         else:
             values[name] = _check(value, hint, known[name].metadata, f"{prefix}{name}", source)
-    config = cls(**values)
-    if cls is TrainConfig and config.average_last > config.keep_checkpoints:
-        raise ConfigError(f"{source}: train.average_last ({config.average_last}) must be <= "
-                          f"train.keep_checkpoints ({config.keep_checkpoints})")
-    if cls is ModelConfig and config.d_model % config.heads:
-        raise ConfigError(f"{source}: model.heads ({config.heads}) must divide model.d_model ({config.d_model})")
-    if cls is TrainConfig and not all(0 <= beta < 1 for beta in config.adam_betas):
-        raise ConfigError(f"{source}: train.adam_betas must be two numbers in [0, 1), got {list(config.adam_betas)}")
-    return config
+    return cls(**values)
+
+
+def _across(config: Config) -> list[str]:
+    """What breaks the rules that tie keys together (and one on a pair of values)."""
+    train, model = config.train, config.model
+    problems = []
+    if train.average_last > train.keep_checkpoints:
+        problems.append(f"train.average_last ({train.average_last}) must be <= train.keep_checkpoints "
+                        f"({train.keep_checkpoints})")
+    if model.d_model % model.heads:
+        problems.append(f"model.heads ({model.heads}) must divide model.d_model ({model.d_model})")
+    if not all(0 <= beta < 1 for beta in train.adam_betas):
+        problems.append(f"train.adam_betas must be two numbers in [0, 1), got {list(train.adam_betas)}")
+    return problems
 
 
 def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:

@@ -78,6 +78,36 @@ def test_resume_keeps_a_best_checkpoint_newer_than_the_one_it_resumes_from(in_tm
     assert "best.pt (step 10, BLEU 99.00) is newer than the checkpoint resumed from" in caplog.text
 
 
+def test_a_run_stopped_between_validations_is_validated_when_resumed_with_nothing_left(in_tmp, monkeypatch, caplog):
+    import logging
+    import os
+    import signal
+
+    from mt.errors import Interrupted
+
+    caplog.set_level(logging.INFO, logger="mt")
+    real_step = Trainer.step
+
+    def step(self, batch_indices):  # Ctrl-C during step 3, before any validation
+        out = real_step(self, batch_indices)
+        if self.progress.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(Interrupted, match="stopped by SIGINT at step 3"):
+        train(load_config(TINY, short("stopped", 0)), show_progress=False)
+    assert "no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0)" in caplog.text
+    run_dir = in_tmp / "runs" / "stopped"
+    assert not (run_dir / checkpoint.BEST).exists()
+    train(load_config(TINY, short("stopped", 3)), resume=True, show_progress=False)
+    assert "the run has already met train.max_steps (3): raise it with --set" in caplog.text
+    assert [r["step"] for r in metrics(run_dir) if "valid_bleu" in r] == [3]
+    assert checkpoint.load(run_dir / checkpoint.BEST)["step"] == 3
+    train(load_config(TINY, short("stopped", 3)), resume=True, show_progress=False)  # nothing more to do
+    assert [r["step"] for r in metrics(run_dir) if "valid_bleu" in r] == [3]
+
+
 def short(name: str, steps: int) -> list[str]:
     # 150 pairs make a handful of batches: 20 steps cross several epoch boundaries. Dropout on, so the
     # random state matters.

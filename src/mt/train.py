@@ -79,6 +79,7 @@ class Progress:
     nonfinite_in_a_row: int = 0
     batch_layout: str = ""  # str(mt.data.Layout), chosen at the run's start; "" in older runs
     ranks: int = 0  # processes that trained it last (torchrun's world size); 0 in older runs
+    validated_step: int = -1  # the step of the last validation; -1: none yet, or an older run
 
 
 @dataclass
@@ -557,18 +558,31 @@ class Trainer:
         return bool(distributed.from_main(self.ctx, self._finished_here()))
 
     def _finished_here(self) -> bool:
+        return bool(self._stop_reason())
+
+    def _stop_reason(self) -> str:
+        """The stopping condition met, or "" while training goes on."""
         tc, p = self.tc, self.progress
-        return bool((tc.max_steps and p.step >= tc.max_steps)
-                    or (tc.max_epochs and p.epoch >= tc.max_epochs)
-                    or (tc.max_minutes and p.seconds >= tc.max_minutes * 60)
-                    or (tc.patience and p.bad_validations >= tc.patience))
+        if tc.max_steps and p.step >= tc.max_steps:
+            return f"train.max_steps ({tc.max_steps})"
+        if tc.max_epochs and p.epoch >= tc.max_epochs:
+            return f"train.max_epochs ({tc.max_epochs})"
+        if tc.max_minutes and p.seconds >= tc.max_minutes * 60:
+            return f"train.max_minutes ({tc.max_minutes:g})"
+        if tc.patience and p.bad_validations >= tc.patience:
+            return f"early stopping (train.patience {tc.patience})"
+        return ""
 
     def run(self, signals: _StopSignals, show_progress: bool | None) -> None:
         tc, p = self.tc, self.progress
         bar = tqdm(total=tc.max_steps or None, initial=p.step, unit="step", dynamic_ncols=True, desc="train",
                    disable=(not show_progress) if show_progress is not None else None)
         self.model.train()
-        last_validated = p.step
+        if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):
+            log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
+                        "training goes on until Ctrl-C")
+        elif p.step and (reason := self._stop_reason()):
+            log.info("the run has already met %s: raise it with --set to train longer", reason)
         window = _Window(self.device)
         clock = time.perf_counter()
         try:
@@ -599,7 +613,6 @@ class Trainer:
                     finished, stop = distributed.from_main(self.ctx, (self._finished_here(), signals.received))
                     if p.step % tc.valid_every == 0 or finished:
                         self.validate_and_save()
-                        last_validated = p.step
                         now = time.perf_counter()
                         window.start += now - clock  # the window's tokens/s counts training time only
                         p.seconds, clock = p.seconds + now - clock, now
@@ -620,7 +633,7 @@ class Trainer:
                               f"mt train --config {self.run_dir / checkpoint.CONFIG} --resume") from None
         finally:
             bar.close()
-        if last_validated != p.step:
+        if p.validated_step != p.step:  # e.g. a resume with no time left, after a stop between validations
             self.validate_and_save()
         if tc.average_last and self.ctx.is_main:
             self.average_checkpoints(tc.average_last)
@@ -707,6 +720,7 @@ class Trainer:
         record = {"step": p.step, "epoch": p.epoch + 1, **metrics,
                   "validation_seconds": round(time.perf_counter() - started, 2)}
         self.record(record)
+        p.validated_step = p.step
         improved = metrics["valid_bleu"] > p.best_bleu
         if improved:
             p.best_bleu, p.best_step, p.bad_validations = metrics["valid_bleu"], p.step, 0

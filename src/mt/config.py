@@ -94,7 +94,8 @@ class TrainConfig:
     max_minutes: float = option(40.0, "stop after this much training time (0 = no limit)", min=0.0)
     valid_every: int = option(500, "validate (loss and greedy BLEU) every N updates", min=1)
     valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0)
-    log_every: int = option(50, "write training loss to metrics.jsonl every N updates", min=1)
+    log_every: int = option(50, "log training loss and speed every N updates (metrics.jsonl, train.log, "
+                                "console)", min=1)
     seed: int = option(1, "seed of model initialisation and batch order", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(

@@ -230,7 +230,6 @@ def download(key: str, folder: Path = Path("data"), timeout: float = 30.0) -> Pa
     """
     source = DOWNLOADS[key]
     target = folder / key
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(source.url, timeout=timeout) as response:
             raw = response.read()
@@ -247,5 +246,6 @@ def download(key: str, folder: Path = Path("data"), timeout: float = 30.0) -> Pa
     if digest != source.sha256:
         raise DataError(f"checksum mismatch for {key} downloaded from {source.url}: expected sha256 "
                         f"{source.sha256}, got {digest}; nothing was written")
+    target.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed download leaves no empty folder
     write_bytes(target, text)
     return target

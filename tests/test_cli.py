@@ -546,6 +546,11 @@ def test_a_reader_that_stops_early_ends_translation_quietly(trained, tmp_path):
     process.stdout.close()
     assert process.wait(timeout=300) == 0
     assert process.stderr.read() == b""
+    process = subprocess.Popen([sys.executable, "-m", "mt", "info", "runs/tiny"], cwd=trained,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"run: ")  # `mt info runs/tiny | head -1`
+    process.stdout.close()
+    assert (process.wait(timeout=60), process.stderr.read()) == (0, b"")
 
 
 def test_eval_keeps_the_hypotheses_of_test_files_of_the_same_name(trained, monkeypatch):

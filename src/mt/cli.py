@@ -5,6 +5,7 @@ Errors the user can fix (`MtError`) are printed on one line, and the command exi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -70,7 +71,8 @@ def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def _errors_exit_2(command):
-    """Turns an MtError or OSError into `error: message` on stderr and exit code 2 (130 for an interrupted run)."""
+    """Turns an MtError or OSError into `error: message` on stderr and exit code 2 (130 for an interrupted run;
+    a closed output pipe ends the command quietly)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -82,6 +84,10 @@ def _errors_exit_2(command):
         except MtError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `mt translate ... | head`, `mt info | head -1`: the reader has all it wants
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # no second error at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except OSError as e:  # a full disk, a read-only folder: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             typer.echo(f"error: {where}{e.strerror or e}", err=True)
@@ -187,17 +193,13 @@ def translate(
 
     def emit(lines: list[str]) -> None:
         for line, options in zip(lines, translator.translate_nbest(lines, beam, nbest=nbest), strict=True):
-            try:
-                if as_json:
-                    typer.echo(json.dumps({"source": line, "translations": [
-                        {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
-                elif nbest > 1:
-                    typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
-                else:
-                    typer.echo(options[0].text)
-            except BrokenPipeError:  # `mt translate ... | head`: the reader has all it wants
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-                raise typer.Exit(0) from None
+            if as_json:
+                typer.echo(json.dumps({"source": line, "translations": [
+                    {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
+            elif nbest > 1:
+                typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
+            else:
+                typer.echo(options[0].text)
 
     if text is not None:
         if attention is not None:  # first: a --layer out of range is an error before any output

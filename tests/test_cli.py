@@ -349,6 +349,8 @@ def test_a_line_longer_than_the_model_takes_is_cut_with_a_warning(trained, caplo
     caplog.clear()
     translator.encode(["Un chat."])
     assert not caplog.text
+    with pytest.raises(TypeError, match=r"translate a list of texts: \['Un chat\.'\], not one string"):
+        translator.translate("Un chat.")
 
 
 def test_attention_grid_has_a_panel_per_layer_and_head(trained, monkeypatch):

@@ -176,7 +176,13 @@ class Translator:
         self, texts: Sequence[str], beam_size: int | None = None, length_penalty: float | None = None,
         nbest: int = 1, progress: str | None = None,
     ) -> list[list[Translation]]:
-        """The `nbest` best translations of each text, best first (one for greedy search)."""
+        """The `nbest` best translations of each text, best first (one for greedy search).
+
+        Raises:
+            TypeError: for one string rather than a list of them (it would be translated letter by letter).
+        """
+        if isinstance(texts, str):
+            raise TypeError(f"translate a list of texts: [{texts!r}], not one string")
         decode = self.config.decode
         if beam_size is not None:
             decode = replace(decode, beam_size=beam_size)

@@ -393,6 +393,8 @@ def test_plot_runs_and_info(trained, monkeypatch):
     assert listing.exit_code == 0 and "tiny" in listing.stdout
     details = run("info", "runs/tiny")
     assert details.exit_code == 0 and "parameters:" in details.stdout and "vocabulary: 600" in details.stdout
+    assert re.search(r"^data read:\n  train:\n  - multi30k:train\n", details.stdout, re.MULTILINE)
+    assert run("info", "--run", "runs/tiny").stdout == details.stdout  # as the other commands take a run
 
 
 @pytest.mark.parametrize(
@@ -498,6 +500,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
          r"--attention draws sentences of up to 150 subwords a side; this one has \d+"),
         (["plot", "runs/tiny", "-o", "p.xyz"], None, r"cannot draw p\.xyz: matplotlib writes .*png.*, not xyz"),
         (["plot", "runs/tiny", "-o", "runs"], None, r"runs is a folder; give a file name"),
+        (["plot", "runs/nope"], None, r"run folder not found: runs/nope"),
+        (["info", "runs/tiny", "--run", "e.en"], None, r"two runs given: runs/tiny and --run e\.en"),
         (["average", "--run", "nope"], None, r"run folder not found: nope"),
         (["tune", "--run", "nope"], None, r"run folder not found: nope"),
         (["eval", "--run", "e.en"], None, r"e\.en is a file, not a run folder"),
@@ -509,7 +513,8 @@ def test_run_folder_missing_tokenizer_or_checkpoint(trained, monkeypatch, tmp_pa
     ],
     ids=["beam-wider-than-vocabulary", "nbest-wider-than-beam", "unknown-device", "non-utf8-stdin", "non-utf8-text",
          "test-no-corpus", "test-empty-item", "src-is-a-folder", "run-is-a-file", "attention-into-no-folder",
-         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "average-no-run",
+         "plot-into-no-folder", "attention-too-long", "plot-format", "plot-into-folder", "plot-no-run",
+         "info-two-runs", "average-no-run",
          "tune-no-run", "eval-run-is-a-file", "tune-nan", "eval-empty",
          "bench-test-typo-before-training", "override-below-a-value"],
 )

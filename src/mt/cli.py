@@ -307,11 +307,12 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The fol
 
 @app.command()
 @_errors_exit_2
-def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: the most recent).")] = None,
-         runs_dir: RunsDirOption = Path("runs")) -> None:
+def info(folder: Annotated[Path | None, typer.Argument(help="Run folder (default: the most recent).",
+                                                        show_default=False)] = None,
+         run: RunOption = None, runs_dir: RunsDirOption = Path("runs")) -> None:
     """Print a run's config, parameter count, vocabulary size and data statistics.
 
-    Example: mt info runs/multi30k
+    Example: mt info runs/multi30k (or --run runs/multi30k, as the other commands take it)
     """
     import yaml
 
@@ -320,7 +321,9 @@ def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: t
     from mt.model import Transformer
     from mt.tokenizer import Tokenizer
 
-    run_dir = _run_folder(run, runs_dir)
+    if folder is not None and run is not None and folder != run:
+        raise MtError(f"two runs given: {folder} and --run {run}")
+    run_dir = _run_folder(run or folder, runs_dir)
     config = load_run_config(run_dir / checkpoint.CONFIG)
     tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
     params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
@@ -328,9 +331,10 @@ def info(run: Annotated[Path | None, typer.Argument(help="Run folder (default: t
     stats = run_dir / checkpoint.DATA_STATS
     if stats.is_file():
         try:
-            typer.echo("data: " + json.dumps(json.loads(stats.read_bytes())))
+            data = json.loads(stats.read_bytes())
+            typer.echo(yaml.safe_dump({"data read": data}, sort_keys=False, allow_unicode=True).rstrip())
         except ValueError as e:
-            typer.echo(f"data: {stats} is unreadable ({e})")
+            typer.echo(f"data read: {stats} is unreadable ({e})")
     records = checkpoint.read_metrics(run_dir)
     bleus = [r for r in records if "valid_bleu" in r]
     if bleus:

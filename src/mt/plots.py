@@ -68,14 +68,14 @@ def training_figure(run_dirs: Sequence[Path]):
     """Training loss, validation loss and validation BLEU against steps; one line per run.
 
     Raises:
-        MtError: if a run has no metrics.jsonl.
+        MtError: if a folder is not a run, or a run has no metrics.jsonl.
     """
     plt = _pyplot()
     fig, (loss_ax, valid_ax, bleu_ax) = plt.subplots(1, 3, figsize=(15, 4))
     for run_dir in run_dirs:
-        records = checkpoint.read_metrics(Path(run_dir))
+        records = checkpoint.read_metrics(checkpoint.check_run(Path(run_dir)))
         if not records:
-            raise MtError(f"{run_dir} has no {checkpoint.METRICS}: is it a run folder?")
+            raise MtError(f"{run_dir} has no training records yet ({checkpoint.METRICS})")
         name = Path(run_dir).name
         train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
         valid = [(r["step"], r["valid_loss"], r["valid_bleu"]) for r in records

@@ -419,9 +419,12 @@ def test_plot_runs_and_info(trained, monkeypatch):
         (lambda d: write_pair(d, "e", [], []),
          ["train", "--config", TINY, "--set", "data.valid={src: e.fr, tgt: e.en}"],
          r"validation corpus e\.fr \| e\.en is empty"),
+        (lambda d: run("train", "--config", TINY, "--set", "data.valid={src: no.fr, tgt: no.en}"),  # what it leaves
+         ["average", "--run", "runs/tiny"], r"runs/tiny holds no trained model \(no tokenizer\.model, no checkpoint\)"),
     ],
     ids=["missing-config", "missing-corpus", "non-utf8", "empty-after-filtering", "vocab-too-large",
-         "run-without-config", "resume-nothing", "empty-training-corpus", "empty-validation-corpus"],
+         "run-without-config", "resume-nothing", "empty-training-corpus", "empty-validation-corpus",
+         "run-that-failed-to-start"],
 )
 def test_bad_input_gets_one_line_and_exit_2(in_tmp, setup, args, pattern):
     setup(in_tmp)

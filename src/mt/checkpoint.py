@@ -224,7 +224,7 @@ def foreign_files(run_dir: Path) -> list[str]:
 
 
 def check_run(run_dir: Path) -> Path:
-    """`run_dir`, if it is a run folder (it holds a config.yaml).
+    """`run_dir`, if it is a run folder (it holds a config.yaml) that training has got far enough in to use.
 
     Raises:
         CheckpointError: saying what it is instead.
@@ -234,6 +234,9 @@ def check_run(run_dir: Path) -> Path:
                               else f"run folder not found: {run_dir}")
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    if not (run_dir / TOKENIZER).is_file() and not has_checkpoint(run_dir):
+        raise CheckpointError(f"{run_dir} holds no trained model (no {TOKENIZER}, no checkpoint): its training "
+                              "stopped before it got that far, or has only just started")
     return run_dir
 
 

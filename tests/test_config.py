@@ -109,6 +109,8 @@ def test_reference_covers_every_key():
     keys = [key for key, _, _ in reference()]
     assert "train.lr" in keys and "decode.beam_size" in keys and "name" in keys
     assert all(help_text for _, _, help_text in reference())
+    texts = {key: text for key, _, text in reference()}
+    assert texts["train.precision"].startswith("one of auto, fp32, bf16, bf16-weights: ")  # the values it takes
 
 
 def test_a_saved_run_config_loads_though_training_would_refuse_it(tmp_path):

@@ -100,7 +100,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding); "
-        "bf16-weights = train a bf16 copy of the model, fp32 master weights in the optimizer")
+        "bf16 = bf16 autocast on any device; bf16-weights = train a bf16 copy of the model, fp32 master weights in "
+        "the optimizer")
     attention: Literal["auto", "flash", "efficient", "math"] = option(
         "auto", "scaled_dot_product_attention kernel tried first in training (the others follow where it cannot "
         "run): auto = math on the CPU, flash on CUDA; never cuDNN")
@@ -272,8 +273,11 @@ def reference() -> list[tuple[str, str, str]]:
             if dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{f.name}.")
             else:
+                text = f.metadata["help"]
+                if typing.get_origin(hint) is Literal:
+                    text = f"one of {', '.join(typing.get_args(hint))}: {text}"
                 rows.append((prefix + f.name, yaml.safe_dump(_plain(f.default), default_flow_style=True)
-                             .strip().removesuffix("\n..."), f.metadata["help"]))
+                             .strip().removesuffix("\n..."), text))
 
     walk(Config, "")
     return rows

@@ -66,6 +66,9 @@ def test_translate_text_file_and_stdin(trained, monkeypatch):
     result = run("translate", "--input", "in.fr", "--run", "runs/tiny")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
     assert run("translate", "--input", "-", input="Un chat.\nUn chien.\n").stdout == result.stdout  # - is stdin
+    assert run("translate", "--run", "runs/tiny", "Un chat.\nUn chien.").stdout == result.stdout  # TEXT's lines
+    one_line_error(run("translate", "Un chat.\nUn chien.", "--attention", "a.png"),
+                   r"--attention draws one sentence; TEXT has 2 lines")
 
 
 def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):

@@ -202,9 +202,12 @@ def translate(
                 typer.echo(options[0].text)
 
     if text is not None:
+        lines = text.splitlines() or [text]  # one output line per input line, as for a file
         if attention is not None:  # first: a --layer out of range is an error before any output
+            if len(lines) > 1:
+                raise MtError(f"--attention draws one sentence; TEXT has {len(lines)} lines")
             _draw_attention(translator, text, attention, layer, head, beam)
-        emit([text])
+        emit(lines)
     elif input is not None and str(input) != "-":
         emit(read_lines(input))
     elif interactive or (input is None and sys.stdin.isatty()):

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,10 @@ def test_plot_runs_and_info(trained, monkeypatch):
     assert all(ax.get_lines() for ax in fig.axes)
     listing = run("runs")
     assert listing.exit_code == 0 and "tiny" in listing.stdout
+    copy = Path("elsewhere/tiny")
+    shutil.copytree("runs/tiny", copy)
+    (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # step 10
+    assert re.search(r"^tiny +60 ", run("runs", "--runs-dir", "elsewhere").stdout, re.MULTILINE)  # last.pt's step
     details = run("info", "runs/tiny")
     assert details.exit_code == 0 and "parameters:" in details.stdout and "vocabulary: 600" in details.stdout
     assert re.search(r"^data read:\n  train:\n  - multi30k:train\n", details.stdout, re.MULTILINE)

@@ -95,6 +95,15 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / LAST).is_file() or (folder / BEST).is_file() or bool(numbered_checkpoints(folder))
 
 
+def saved_step(run_dir: Path) -> int | None:
+    """The step of the run's last.pt, where a resume goes on; None without a readable one. Memory-mapped: the
+    weights are not read."""
+    try:
+        return int(torch.load(run_dir / LAST, map_location="cpu", mmap=True, weights_only=True)["progress"]["step"])
+    except Exception:  # missing, truncated, foreign: the listing says what the metrics say instead
+        return None
+
+
 def numbered_checkpoints(run_dir: Path) -> list[Path]:
     """The step_*.pt checkpoints of a run, newest first."""
     return sorted(run_dir.glob("step_*.pt"), reverse=True)

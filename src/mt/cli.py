@@ -286,7 +286,7 @@ def plot(
 @_errors_exit_2
 def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The folder whose runs to list.")]
               = Path("runs")) -> None:
-    """List the runs in runs/ with their last step, best validation BLEU and date.
+    """List the runs in runs/ with the step of their last checkpoint, best validation BLEU and last change.
 
     Example: mt runs --runs-dir runs
     """
@@ -300,7 +300,9 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The fol
     typer.echo(f"{'run':<24} {'step':>7} {'best BLEU':>9}  {'last change':<16}  folder")
     for folder in folders:
         records = checkpoint.read_metrics(folder)
-        step = max((r["step"] for r in records), default=0)
+        step = checkpoint.saved_step(folder)
+        if step is None:
+            step = max((r["step"] for r in records), default=0)
         bleus = [r["valid_bleu"] for r in records if "valid_bleu" in r]
         best = f"{max(bleus):.2f}" if bleus else "-"
         changed = max(p.stat().st_mtime for p in folder.iterdir())

@@ -209,6 +209,7 @@ def test_resume_refuses_another_model_names_changed_settings_and_keeps_the_runs_
           resume=True, show_progress=False)
     assert ("with changed settings: data.test: multi30k:test_2016_flickr → multi30k:test_2017_flickr; "
             "train.lr: 0.003 → 0.001\n") in caplog.text  # max_steps: not worth a word
+    assert "with changed settings: data.test" in (run_dir / checkpoint.LOG).read_text()  # kept with the run
     assert "decode section it has (mt tune may have chosen it), not this config's (decode.length_penalty: " \
            "0.6 → 1.0)" in caplog.text
     assert load_config(run_dir / checkpoint.CONFIG).decode == tuned.decode

@@ -407,14 +407,14 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         show_progress = False
     file_log = trainer = None
     try:  # from here on the process group is torn down whatever happens: a rank left in it aborts at exit
+        if ctx.is_main and resume and (config.run_dir / checkpoint.CONFIG).is_file():
+            file_log = _log_to(config.run_dir, logger)  # first: what the resume changes goes into the log too
         run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite),
                               others=lambda: config.run_dir)
         if resume:  # the run's own decoding settings: mt tune may have chosen them
             config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
-        if ctx.is_main:
-            file_log = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8")
-            file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(file_log)
+        if ctx.is_main and file_log is None:
+            file_log = _log_to(run_dir, logger)
         trainer = Trainer(config, run_dir, resume, ctx)
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)
@@ -436,6 +436,14 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
             file_log.close()
         logger.setLevel(level)
         distributed.teardown(ctx)
+
+
+def _log_to(run_dir: Path, logger: logging.Logger) -> logging.Handler:
+    """Adds a handler that appends the log to the run's train.log, and returns it."""
+    handler = logging.FileHandler(run_dir / checkpoint.LOG, encoding="utf-8", delay=True)  # opened when used
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return handler
 
 
 def _main_first(ctx: distributed.Context, make: Callable[[], Any], others: Callable[[], Any] | None = None) -> Any:

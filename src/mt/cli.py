@@ -46,6 +46,7 @@ RunOption = Annotated[
     Path | None, typer.Option("--run", help="Run folder (default: the most recent one in runs/).")
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where to look for the most recent run.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 WeightsOption = Annotated[
     str | None, typer.Option("--weights", help="Checkpoint file in the run folder (default: best.pt).")
 ]
@@ -164,7 +165,7 @@ def translate(
     interactive: Annotated[bool, typer.Option("--interactive", help="Prompt for sentences (the default when "
                                               "stdin is a terminal and no text is given).")] = False,
     runs_dir: RunsDirOption = Path("runs"),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     weights: WeightsOption = None,
 ) -> None:
     """Translate French to English: one output line per input line, in order.
@@ -359,7 +360,7 @@ def evaluate(
     beam: BeamOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     runs_dir: RunsDirOption = Path("runs"),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     weights: WeightsOption = None,
 ) -> None:
     """Translate test sets and score them with sacreBLEU (BLEU, chrF), printing the signatures.
@@ -422,13 +423,14 @@ def tune(
     beams: Annotated[str, typer.Option(help="Beam sizes to try, comma-separated.")] = "1,4,5,8",
     penalties: Annotated[str, typer.Option(help="Length penalties to try, comma-separated.")] = "0.6,1.0,1.4",
     runs_dir: RunsDirOption = Path("runs"),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     weights: WeightsOption = None,
 ) -> None:
     """Choose beam size and length penalty by BLEU on the run's valid set; store them as its defaults.
 
     Example: mt tune --run runs/multi30k --beams 4,5,8 --penalties 0.8,1.0,1.2
     """
+    from mt import checkpoint
     from mt.evaluate import tune_run
 
     try:
@@ -445,7 +447,7 @@ def tune(
     for r in results:
         typer.echo(f"beam {r['beam_size']:>2}  length penalty {r['length_penalty']:.2f}  BLEU {r['bleu']:6.2f}")
     best = results[0]
-    typer.echo(f"stored in {run_dir}/config.yaml: decode.beam_size={best['beam_size']}, "
+    typer.echo(f"stored in {run_dir / checkpoint.CONFIG}: decode.beam_size={best['beam_size']}, "
                f"decode.length_penalty={best['length_penalty']}")
 
 

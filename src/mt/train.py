@@ -547,6 +547,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.progress.step, self.progress.epoch + 1)
 
+    @property
+    def resume_hint(self) -> str:
+        return f"Resume with: mt train --config {self.run_dir / checkpoint.CONFIG} --resume"
+
     def _keep_a_newer_best(self) -> None:
         """Takes best.pt's BLEU as the best so far where it beats the checkpoint resumed from: one written after
         that checkpoint (a kill between best.pt and last.pt, or a damaged last.pt). A later, worse validation
@@ -630,8 +634,7 @@ class Trainer:
                     if stop:
                         self.save_last()
                         distributed.barrier(self.ctx)
-                        raise Interrupted(f"stopped by {stop} at step {p.step}; checkpoint saved. "
-                                          f"Resume with: mt train --config {self.run_dir / checkpoint.CONFIG} --resume")
+                        raise Interrupted(f"stopped by {stop} at step {p.step}; checkpoint saved. {self.resume_hint}")
                     if finished:
                         break
                 else:
@@ -639,8 +642,8 @@ class Trainer:
                     p.batch_in_epoch = 0
                     log.info("epoch %d done at step %d", p.epoch, p.step)
         except KeyboardInterrupt:  # a second signal: stop at once, keeping the last checkpoint
-            raise Interrupted(f"stopped at once at step {p.step}; the last saved checkpoint is kept. Resume with: "
-                              f"mt train --config {self.run_dir / checkpoint.CONFIG} --resume") from None
+            raise Interrupted(f"stopped at once at step {p.step}; the last saved checkpoint is kept. "
+                              f"{self.resume_hint}") from None
         finally:
             bar.close()
         if p.validated_step != p.step:  # e.g. a resume with no time left, after a stop between validations

@@ -68,6 +68,7 @@ def test_translate_text_file_and_stdin(trained, monkeypatch):
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
     assert run("translate", "--input", "-", input="Un chat.\nUn chien.\n").stdout == result.stdout  # - is stdin
     assert run("translate", "--run", "runs/tiny", "Un chat.\nUn chien.").stdout == result.stdout  # TEXT's lines
+    assert run("translate", "Un", "chat.").stdout == result.stdout.splitlines()[0] + "\n"  # unquoted: its words
     one_line_error(run("translate", "Un chat.\nUn chien.", "--attention", "a.png"),
                    r"--attention draws one sentence; TEXT has 2 lines")
 

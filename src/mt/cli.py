@@ -151,7 +151,9 @@ def train(
 @app.command()
 @_errors_exit_2
 def translate(
-    text: Annotated[str | None, typer.Argument(help="French text; omit it to read --input or stdin.")] = None,
+    words: Annotated[list[str] | None, typer.Argument(
+        metavar="TEXT", show_default=False,
+        help="French text (quoted, or its words as they come); omit it to read --input or stdin.")] = None,
     run: RunOption = None,
     beam: BeamOption = None,
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file "
@@ -178,6 +180,7 @@ def translate(
     from mt.translate import Translator
 
     _setup_logging(quiet=True)
+    text = " ".join(words) if words else None  # mt translate Un chat dort.: the shell's words, joined again
     if text is not None and input is not None:
         raise MtError("give either TEXT or --input, not both")
     if attention is not None and text is None:

@@ -48,7 +48,7 @@ def test_train_leaves_a_complete_run_folder(trained):
     assert losses[-1] < losses[0] - 1.0  # it learned something
     assert any("valid_bleu" in r for r in records)
     log = (run_dir / "train.log").read_text()  # --quiet: nothing on the console, but the log has it all
-    assert re.search(r"step 10, epoch \d+: train loss \d+\.\d{3}, lr \d\.\d\de-\d\d, \d+ target tokens/s", log)
+    assert re.search(r"step 10, epoch \d+: train loss \d+\.\d{3}, lr \d\.\d\de-\d\d, [\d,]+ target tokens/s", log)
 
 
 def test_translate_text_file_and_stdin(trained, monkeypatch):

@@ -618,8 +618,8 @@ class Trainer:
                         record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(self.ctx), "lr": lr,
                                   "seconds": round(p.seconds, 1)}
                         self.record(record)
-                        log.info("step %d, epoch %d: train loss %.3f, lr %.2e, %.0f target tokens/s", p.step,
-                                 p.epoch + 1, record["train_loss"], lr, record["tokens_per_s"])
+                        log.info("step %d, epoch %d: train loss %.3f, lr %.2e, %s target tokens/s", p.step,
+                                 p.epoch + 1, record["train_loss"], lr, f"{record['tokens_per_s']:,.0f}")
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
                                         bleu=f"{max(p.best_bleu, 0):.1f}")

@@ -1,7 +1,8 @@
 """Kills a training run with SIGKILL at random moments, resumes it each time, and checks nothing is lost.
 
-After every kill, every checkpoint in the run folder must load; at the end the run must reach its last step.
-Prints the number of kills survived and of checkpoint files lost (which must be 0).
+After every kill, every checkpoint in the run folder must load; at the end the run must reach its last step,
+and its metrics.jsonl must hold each validation once. Prints the number of kills survived and of checkpoint
+files lost (which must be 0).
 
 Usage: MT_DATA_PATH=../shared/data python scripts/kill_resume.py [--kills 10] [--steps 400] [--seed 0]
 """
@@ -40,10 +41,13 @@ def main() -> int:
     command = [sys.executable, "-m", "mt", "train", "--config", args.config, "--quiet", "--set", "name=kill",
                "--set", f"train.max_steps={args.steps}", "--set", "train.valid_every=20",
                "--set", "train.valid_sentences=20", "--set", "train.max_minutes=0"]
+    # The runs work in a folder of their own: corpus folders given relative to this one are given absolute.
+    data_path = [str(Path(p).resolve()) for p in os.environ.get("MT_DATA_PATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "MT_DATA_PATH": os.pathsep.join(data_path)}
     survived = lost = 0
     for kill in range(1, args.kills + 1):
         started = any(run_dir.glob("*.pt"))
-        process = subprocess.Popen(command + (["--resume"] if started else ["--overwrite"]), cwd=workdir,
+        process = subprocess.Popen(command + (["--resume"] if started else ["--overwrite"]), cwd=workdir, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait = rng.uniform(args.min_wait, args.max_wait)
         time.sleep(wait)
@@ -63,11 +67,13 @@ def main() -> int:
         step = _step(run_dir)
         print(f"kill {kill} after {wait:.1f} s: newest checkpoint at step {step}; "
               f"{len(bad)} unreadable" + (f": {bad}" if bad else ""))
-    final = subprocess.run(command + ["--resume"], cwd=workdir, capture_output=True, text=True)
+    final = subprocess.run(command + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True)
     step = _step(run_dir)
+    validated = [r["step"] for r in checkpoint.read_metrics(run_dir) if "valid_bleu" in r and "averaged" not in r]
+    twice = sorted({s for s in validated if validated.count(s) > 1})
     print(f"final resume: exit {final.returncode}, last step {step} of {args.steps}")
-    print(f"kills survived: {survived}; checkpoint files lost: {lost}")
-    ok = final.returncode == 0 and step == args.steps and lost == 0
+    print(f"kills survived: {survived}; checkpoint files lost: {lost}; validations recorded twice: {twice or 'none'}")
+    ok = final.returncode == 0 and step == args.steps and lost == 0 and not twice
     print("OK" if ok else "FAILED: " + final.stderr.strip()[-500:])
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1

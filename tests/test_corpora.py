@@ -68,6 +68,16 @@ def test_checksum_mismatch_writes_nothing(server, workdir, monkeypatch):
     assert not (workdir / "data").exists()
 
 
+def test_a_damaged_download_is_one_error(server, workdir, monkeypatch):
+    packed = bytearray(gzip.compress("".join(f"phrase numéro {i}\n" for i in range(2000)).encode()))
+    packed[200:260] = bytes(b ^ 0xFF for b in packed[200:260])
+    (workdir / "www" / "train.fr.gz").write_bytes(bytes(packed))  # the server's folder (`server`)
+    use_sources(monkeypatch, server)
+    with pytest.raises(DataError, match=r"download of toy/train\.fr from .* is not a valid gzip file"):
+        corpora.resolve("toy:train")
+    assert not (workdir / "data").exists()
+
+
 def test_unreachable_host_mentions_mt_data_path(workdir, monkeypatch):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))

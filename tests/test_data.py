@@ -38,6 +38,16 @@ def test_read_lines_plain_and_gz(tmp_path):
     assert read_lines(plain) == read_lines(packed) == ["un", "deux\u2028trois"]
 
 
+def test_a_damaged_gz_file_and_a_byte_order_mark(tmp_path):
+    packed = bytearray(gzip.compress("".join(f"phrase numéro {i}\n" for i in range(2000)).encode()))
+    packed[200:260] = bytes(b ^ 0xFF for b in packed[200:260])  # damage inside the compressed stream
+    (tmp_path / "bad.fr.gz").write_bytes(bytes(packed))
+    with pytest.raises(DataError, match=r"cannot read .*bad\.fr\.gz: .*invalid"):  # zlib's error, not a traceback
+        read_lines(tmp_path / "bad.fr.gz")
+    (tmp_path / "bom.en").write_bytes(b"\xef\xbb\xbfA cat.\n\xef\xbb\xbfA dog.\n")
+    assert read_lines(tmp_path / "bom.en") == ["A cat.", "\ufeffA dog."]  # the mark that opens a file only
+
+
 def test_non_utf8_names_file_and_line(tmp_path):
     path = tmp_path / "bad.fr"
     path.write_bytes(b"ok\nalso ok\nbad \xff here\n")
@@ -188,6 +198,8 @@ def test_cleaning_normalises_and_removes_duplicates(tmp_path):
     assert (report.total, report.normalized, report.duplicates) == (4, 1, 1)
     assert list(zip(ds["src"], ds["tgt"], strict=True)) == [("Un chat.", "A cat."), ("Un chien.", "A dog."),
                                                            ("Un chat.", "A cat!")]
+    files = CorpusFiles("tabs", *write_pair(tmp_path, "tabs", ["a\tb", "a"], ["c", "b\tc"]))
+    assert clean_pairs(load_corpus(files), normalize=False)[1].duplicates == 0  # two pairs, though tab-joined alike
 
 
 def test_corpus_lists_with_repeats():

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,13 +235,13 @@ def download(key: str, folder: Path = Path("data"), timeout: float = 30.0) -> Pa
     try:
         with urllib.request.urlopen(source.url, timeout=timeout) as response:
             raw = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # also a cut-off body
         reason = getattr(e, "reason", e)
         raise DataError(f"cannot download {key} from {source.url} ({reason}); put the file in {target.parent}/ "
                         f"or set MT_DATA_PATH to a folder that holds {target.parent.name}/") from None
     try:
         data = gzip.decompress(raw) if source.url.endswith(".gz") else raw
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"download of {key} from {source.url} is not a valid gzip file ({e})") from None
     text = b"".join(line.strip() + b"\n" for line in data.splitlines())
     digest = hashlib.sha256(text).hexdigest()

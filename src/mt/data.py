@@ -10,12 +10,14 @@ of each batch is padding, and the batch order is shuffled with a seed per epoch.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import itertools
 import logging
 import sys
 import unicodedata
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ def iter_lines(path: Path) -> Iterator[str]:
             yield from decode_lines(f, str(path))
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; damaged data is zlib's
         raise DataError(f"cannot read {path}: {e}") from None
 
 
@@ -54,6 +56,8 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
         DataError: naming `name` and the line, for bytes that are not UTF-8.
     """
     for number, raw in enumerate(raw_lines, start=1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # an editor's byte-order mark: not part of the text
         try:
             yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
         except UnicodeDecodeError as e:
@@ -243,9 +247,9 @@ def clean_pairs(ds, normalize: bool = True, dedupe: bool = True):
         changed = int(ds.with_format("arrow")[:]["changed"].to_numpy(zero_copy_only=False).sum())
         ds = ds.remove_columns("changed")
     if dedupe:
-        # 64-bit hashes of the pairs, in memory as one array: duplicates found without holding the text.
-        hashes = np.fromiter((int.from_bytes(hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=8).digest(), "little")
-                              for batch in ds.iter(batch_size=50_000)
+        # 64-bit hashes of the pairs, in memory as one array: duplicates found without holding the text. The
+        # source's length marks where it ends: a tab inside a side cannot make two pairs one.
+        hashes = np.fromiter((_pair_hash(s, t) for batch in ds.iter(batch_size=50_000)
                               for s, t in zip(batch["src"], batch["tgt"], strict=True)),
                              dtype=np.uint64, count=total)
         _, first = np.unique(hashes, return_index=True)
@@ -253,6 +257,10 @@ def clean_pairs(ds, normalize: bool = True, dedupe: bool = True):
         if duplicates:
             ds = ds.select(np.sort(first))
     return ds, CleanReport(total, changed, duplicates)
+
+
+def _pair_hash(src: str, tgt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{len(src)}:{src}{tgt}".encode(), digest_size=8).digest(), "little")
 
 
 def tokenize(ds, tokenizer: Tokenizer, workers: int = 1, cache: Path | None = None):

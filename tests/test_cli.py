@@ -302,12 +302,22 @@ def test_average_and_tune(trained, monkeypatch, data_path):
 
     decode = load_config(Path("runs/tuned/config.yaml")).decode
     best = result.stdout.splitlines()[0].split()
-    assert (decode.beam_size, decode.length_penalty) == (int(best[1]), float(best[4]))
+    assert decode.beam_size == int(best[1])
+    assert decode.length_penalty == (1.0 if best[4] == "-" else float(best[4]))  # greedy keeps the run's own
+    assert result.stdout.count("length penalty    -") == 1  # beam 1: no penalty to show
     from mt.evaluate import tune_run
 
     before = decode.inter_threads
     tune_run(Path("runs/tuned"), [1, 2], [1.0], device="cpu", streams=before + 1)  # as `mt train` tunes
     assert load_config(Path("runs/tuned/config.yaml")).decode.inter_threads == before  # the run's own setting
+    import mt.evaluate
+
+    penalty = load_config(Path("runs/tuned/config.yaml")).decode.length_penalty
+    monkeypatch.setattr(mt.evaluate, "tune_decoding", lambda *a: [{"beam_size": 1, "length_penalty": None, "bleu": 9},
+                                                                   {"beam_size": 2, "length_penalty": 0.5, "bleu": 1}])
+    tune_run(Path("runs/tuned"), [1, 2], [0.5], device="cpu")  # greedy wins: no length penalty was tuned
+    decode = load_config(Path("runs/tuned/config.yaml")).decode
+    assert (decode.beam_size, decode.length_penalty) == (1, penalty)
 
 
 def test_nbest_json(trained, monkeypatch):
@@ -585,6 +595,9 @@ def test_eval_keeps_the_hypotheses_of_test_files_of_the_same_name(trained, monke
     assert result.exit_code == 0, result.output
     [other] = [Path(r["hypotheses"]) for r in json.loads(result.stdout)]
     assert other.name == paths[0].name.replace(".beam1", ".last.beam1") and paths[0].is_file()
+    shutil.copytree("runs/tiny", "runs/nobest", ignore=shutil.ignore_patterns("best.pt", "eval"))
+    result = run("eval", "--run", "runs/nobest", "--test", "d1/test.fr|d1/test.en", "--beam", 1, "--json")
+    assert Path(json.loads(result.stdout)[0]["hypotheses"]).name == other.name  # last.pt's, named so
 
 
 def test_damaged_metrics_and_data_stats_are_skipped(trained, monkeypatch, tmp_path, caplog):

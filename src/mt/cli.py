@@ -434,6 +434,7 @@ def tune(
     Example: mt tune --run runs/multi30k --beams 4,5,8 --penalties 0.8,1.0,1.2
     """
     from mt import checkpoint
+    from mt.config import load_run_config
     from mt.evaluate import tune_run
 
     try:
@@ -448,10 +449,11 @@ def tune(
     run_dir = _run_folder(run, runs_dir)
     results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
     for r in results:
-        typer.echo(f"beam {r['beam_size']:>2}  length penalty {r['length_penalty']:.2f}  BLEU {r['bleu']:6.2f}")
-    best = results[0]
-    typer.echo(f"stored in {run_dir / checkpoint.CONFIG}: decode.beam_size={best['beam_size']}, "
-               f"decode.length_penalty={best['length_penalty']}")
+        penalty = "-" if r["length_penalty"] is None else f"{r['length_penalty']:.2f}"
+        typer.echo(f"beam {r['beam_size']:>2}  length penalty {penalty:>4}  BLEU {r['bleu']:6.2f}")
+    decode = load_run_config(run_dir / checkpoint.CONFIG).decode
+    typer.echo(f"stored in {run_dir / checkpoint.CONFIG}: decode.beam_size={decode.beam_size}, "
+               f"decode.length_penalty={decode.length_penalty:g}")
 
 
 @app.command()

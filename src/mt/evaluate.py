@@ -48,14 +48,21 @@ def tune_decoding(translator, sources: Sequence[str], references: Sequence[str],
     """BLEU of every beam size × length penalty on a held-out set (beam 1 once: it has no penalty).
 
     Returns:
-        One dict per setting (beam_size, length_penalty, bleu), best first.
+        One dict per setting (beam_size, length_penalty, bleu), best first; beam 1's length_penalty is None.
     """
     results = []
     for beam in beams:
-        for penalty in penalties if beam > 1 else penalties[:1]:
+        for penalty in penalties if beam > 1 else [None]:
             hypotheses = translator.translate(list(sources), beam_size=beam, length_penalty=penalty)
             results.append({"beam_size": beam, "length_penalty": penalty, "bleu": bleu(hypotheses, references)})
     return sorted(results, key=lambda r: r["bleu"], reverse=True)
+
+
+def describe_setting(result: dict) -> str:
+    """"beam 5, length penalty 1.0", or "beam 1 (greedy)", for a result of `tune_decoding`."""
+    if result["length_penalty"] is None:
+        return f"beam {result['beam_size']} (greedy)"
+    return f"beam {result['beam_size']}, length penalty {result['length_penalty']:g}"
 
 
 def _check_writable(folder: Path) -> None:
@@ -80,9 +87,13 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
         translator.config = replace(config, decode=replace(config.decode, inter_threads=streams))
     files = corpora.resolve(config.data.valid, config.data.src_lang, config.data.tgt_lang)
     sources, references = read_corpus(files)
+    if not sources:
+        raise DataError(f"validation set {files.name} is empty: nothing to tune on")
     results = tune_decoding(translator, sources, references, beams, penalties)
     best = results[0]
-    decode = replace(config.decode, beam_size=best["beam_size"], length_penalty=best["length_penalty"])
+    # Greedy search has no length penalty: the one a later --beam N takes stays the run's own.
+    penalty = config.decode.length_penalty if best["length_penalty"] is None else best["length_penalty"]
+    decode = replace(config.decode, beam_size=best["beam_size"], length_penalty=penalty)
     save_config(replace(config, decode=decode), Path(run_dir) / checkpoint.CONFIG)
     return results
 
@@ -125,7 +136,7 @@ def evaluate_run(
         stems.add(unique)
         test_sets.append((files, sources, references, unique))
     # Hypotheses of other weights than best.pt get the checkpoint's name, beside best.pt's, not over them.
-    checkpoint_tag = "" if weights in (None, checkpoint.BEST) else "." + Path(weights).stem
+    checkpoint_tag = "" if translator.weights.name == checkpoint.BEST else "." + translator.weights.stem
     results = []
     for files, sources, references, stem in test_sets:
         hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]

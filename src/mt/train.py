@@ -419,12 +419,11 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)
         if config.train.tune_decoding and ctx.is_main:
-            from mt.evaluate import tune_run
+            from mt.evaluate import describe_setting, tune_run
 
             best = tune_run(run_dir, DEFAULT_BEAMS, DEFAULT_PENALTIES, device=str(trainer.device),
                             streams=IN_TRAINING_STREAMS)[0]
-            log.info("decoding defaults chosen on the valid set: beam %d, length penalty %.1f (BLEU %.2f)",
-                     best["beam_size"], best["length_penalty"], best["bleu"])
+            log.info("decoding defaults chosen on the valid set: %s (BLEU %.2f)", describe_setting(best), best["bleu"])
         if ctx.is_main:  # the tokenized data: a resume of the finished run makes it again
             shutil.rmtree(run_dir / checkpoint.CACHE, ignore_errors=True)
         return run_dir

@@ -128,8 +128,10 @@ class Translator:
     ['A dog is running.']
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, amp: torch.dtype | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, amp: torch.dtype | None = None,
+                 weights: Path | None = None):
         self.model, self.tokenizer, self.config, self.amp = model, tokenizer, config, amp
+        self.weights = weights  # the checkpoint file the model was loaded from, if any
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None) -> Translator:
@@ -164,7 +166,7 @@ class Translator:
             raise CheckpointError(f"{path} does not match the model that {run_dir / checkpoint.CONFIG} describes "
                                   f"(was its model section edited?): {detail[:300]}") from None
         device = pick_device(device, "--device")
-        return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device))
+        return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device), weights=path)
 
     def translate(self, texts: Sequence[str], beam_size: int | None = None,
                   length_penalty: float | None = None) -> list[str]:

@@ -71,6 +71,10 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(write(tmp_path, "train:\n  lr: 3e-4\n")).train.lr == 3e-4
 
 
+def test_a_section_with_every_key_commented_out_takes_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "model:\n  # d_model: 512\ntrain:\n  lr: 3e-4\n")).model.d_model == 256
+
+
 def test_pair_of_files_is_a_corpus(tmp_path):
     config = load_config(write(tmp_path, "data:\n  train: {src: a.fr, tgt: a.en}\n"))
     assert config.data.train == {"src": "a.fr", "tgt": "a.en"}

@@ -293,6 +293,8 @@ def _plain(value: Any) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     section = prefix.rstrip(".") or "top level"
+    if raw is None and prefix:  # a section whose keys are all commented out
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
     known = {f.name: f for f in fields(cls)}

@@ -237,3 +237,16 @@ def test_an_error_in_a_decoding_stream_reaches_the_caller(model_and_src, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_off_the_cpu_one_step_of_beam_search_takes_every_sentence_in_one_block(monkeypatch):
+    import mt.search
+
+    calls, real = [], mt.search.top_n
+    monkeypatch.setattr(mt.search, "top_n", lambda x, n: calls.append(x.shape) or real(x, n))
+    G, k, V = 100, 5, 50
+    values, _ = mt.search.best_extensions(torch.empty(G, k, V, device="meta"), torch.empty(G, k, device="meta"), 2 * k)
+    assert values.shape == (G, 2 * k) and calls == [(G, k * V)]  # a GPU: one pass, not one per k sentences' worth
+    calls.clear()
+    mt.search.best_extensions(torch.zeros(G, k, V), torch.zeros(G, k), 2 * k)
+    assert len(calls) == 7  # the CPU: blocks of 80 rows (16 sentences), whose log-probabilities stay in its cache

@@ -129,19 +129,19 @@ def stable_slots(parents: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(parents).scatter_(1, slot, extension)
 
 
-def _block_rows(logits: torch.Tensor) -> int:
-    """How many rows of (N, V) logits the vocabulary-wide passes of a search step take at a time.
+def _block_rows(rows: int, device: torch.device) -> int:
+    """How many of a search step's `rows` of (rows, V) logits its vocabulary-wide passes take at a time.
 
     On the CPU a block's log-probabilities (80 x 8k vocabulary x 4 bytes: 2.5 MB) are still in the cache
     when the next pass reads them; a whole decoding batch's (tens of MB) is not. A GPU takes the batch in one
     block.
     """
-    return 80 if logits.device.type == "cpu" else max(1, logits.size(0))
+    return 80 if device.type == "cpu" else max(1, rows)
 
 
 def best_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits -> the log-probability of each row's most probable token, and that token, (N,) each."""
-    block = _block_rows(logits)
+    block = _block_rows(logits.size(0), logits.device)
     best = [logits[start : start + block].log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
             for start in range(0, logits.size(0), block)]
     return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
@@ -158,7 +158,7 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
         (G, n) extension scores, best first, and their indices into the flattened (k * V) candidates.
     """
     G, k, V = logits.shape
-    groups = max(1, _block_rows(logits) // k)
+    groups = max(1, _block_rows(G * k, logits.device) // k)  # on a GPU: every sentence in one block
     best = []
     for start in range(0, G, groups):
         log_probs = logits[start : start + groups].log_softmax(dim=-1, dtype=torch.float32)

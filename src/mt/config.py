@@ -23,7 +23,8 @@ from mt.errors import ConfigError
 from mt.files import write_bytes
 
 CorpusSpec = str | dict[str, str]
-"""A corpus: `name:split` (e.g. `multi30k:train`) or `{src: PATH, tgt: PATH}` for an aligned pair of files."""
+"""A corpus: `name:split` (e.g. `multi30k:train`), `{src: PATH, tgt: PATH}` for an aligned pair of files, or a
+Hugging Face dataset, `{hub: NAME, ...}` or `{disk: FOLDER, ...}` (mt.corpora)."""
 
 CorpusList = str | dict[str, str] | list
 """One corpus spec or a list of them, each optionally repeated: `multi30k:train*3` or `{..., repeat: 3}`."""
@@ -38,8 +39,9 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: CorpusList = option("multi30k:train", "training corpus: `name:split`, `{src: PATH, tgt: PATH}`, or a "
-                               "list of them; `name:split*N` repeats one N times")
+    train: CorpusList = option("multi30k:train", "training corpus: `name:split`, `{src: PATH, tgt: PATH}`, a "
+                               "dataset (`{hub: NAME, ...}`, `{disk: FOLDER, ...}`), or a list of them; "
+                               "`name:split*N` repeats one N times")
     valid: CorpusSpec = option("multi30k:valid", "validation corpus (loss, BLEU, early stopping)")
     test: CorpusSpec = option("multi30k:test_2016_flickr", "default test set of `mt eval`; `mt train` checks at "
                               "the start that it can be found")

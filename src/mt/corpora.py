@@ -2,7 +2,7 @@
 
 A corpus is named `name:split` (`multi30k:train`, `tatoeba:test`) and lives in a folder `name/` holding
 `<split>.<lang>` or `<split>.<lang>.gz`. Folders are searched in this order: `data/` under the current
-directory, then each folder of the `MT_DATA_PATH` environment variable (separated by `:`).
+directory, then each folder of the `MT_DATA_PATH` environment variable (separated by `:`, `;` on Windows).
 A named corpus that is found nowhere is downloaded from its public source into `data/` (Multi30k from its
 GitHub repository, pinned to a commit), checked against the SHA-256 of each file, and written atomically.
 
@@ -144,15 +144,16 @@ def _parse_dataset(spec: dict) -> DatasetCorpus:
 
 
 def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path] | DatasetCorpus:
-    """Checks the form of a corpus spec: returns (name, split) or (src path, tgt path).
+    """Checks the form of a corpus spec: returns (name, split), (src path, tgt path) or a DatasetCorpus.
 
     Raises:
-        ValueError: explaining the two accepted forms.
+        ValueError: explaining the accepted forms.
     """
     if isinstance(spec, str):
         name, sep, split = spec.partition(":")
         if not sep or not name or not split or "/" in name:
-            raise ValueError(f"expected 'name:split' (e.g. multi30k:train) or {{src: PATH, tgt: PATH}}, got {spec!r}")
+            raise ValueError(f"expected 'name:split' (e.g. multi30k:train), {{src: PATH, tgt: PATH}} or "
+                             f"{{hub: NAME, ...}} / {{disk: FOLDER, ...}}, got {spec!r}")
         return name, split
     if isinstance(spec, dict) and ("hub" in spec or "disk" in spec):
         return _parse_dataset(spec)
@@ -160,7 +161,8 @@ def parse_corpus(spec: object) -> tuple[str, str] | tuple[Path, Path] | DatasetC
         if set(spec) != {"src", "tgt"} or not all(isinstance(v, str) and v for v in spec.values()):
             raise ValueError(f"a pair of files needs exactly the keys src and tgt with paths, got {spec!r}")
         return Path(spec["src"]), Path(spec["tgt"])
-    raise ValueError(f"expected 'name:split' or {{src: PATH, tgt: PATH}}, got {spec!r}")
+    raise ValueError(f"expected 'name:split', {{src: PATH, tgt: PATH}} or {{hub: NAME, ...}} / "
+                     f"{{disk: FOLDER, ...}}, got {spec!r}")
 
 
 def search_dirs() -> list[Path]:

@@ -106,7 +106,7 @@ def evaluate_run(
     `run_dir/eval/`.
 
     Args:
-        tests: corpus specs (`name:split` or `{src, tgt}`); default: the run's `data.test`.
+        tests: corpus specs (as `data.test` takes them); default: the run's `data.test`.
 
     Returns:
         One dict per test set: test, sentences, beam_size, hypotheses (path) and scores.
@@ -127,8 +127,8 @@ def evaluate_run(
         sources, references = read_corpus(files)
         if not sources:
             raise DataError(f"test set {files.name} is empty")
-        stem = re.sub(r"[^\w.-]+", ".", files.name if isinstance(spec, str) or not hasattr(files, "src")
-                      else files.src.stem)
+        paths = isinstance(files, corpora.CorpusFiles) and not isinstance(spec, str)  # named by its source file
+        stem = re.sub(r"[^\w.-]+", ".", files.src.stem if paths else files.name)
         unique, copies = stem, 1
         while unique in stems:  # test files of the same name in two folders: d1/test.fr and d2/test.fr
             copies += 1

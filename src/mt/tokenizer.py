@@ -19,7 +19,8 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 class Tokenizer:
-    """Wraps a SentencePiece model; ids never include BOS/EOS unless asked."""
+    """Wraps a SentencePiece model. `encode` gives ids without BOS/EOS (the batches add them); `decode` drops the
+    special ids (PAD, UNK, BOS, EOS)."""
 
     def __init__(self, model_proto: bytes):
         self.proto = model_proto

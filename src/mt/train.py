@@ -198,7 +198,8 @@ def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
-        where = "" if not hasattr(files, "src") or str(files.src) in files.name else f" ({files.src}, {files.tgt})"
+        plain = not isinstance(files, corpora.CorpusFiles) or str(files.src) in files.name  # a dataset, or paths
+        where = "" if plain else f" ({files.src}, {files.tgt})"
         log.info("reading %s%s", files.name, where)
         corpus = load_corpus(files, data.max_pairs)
         if len(corpus) == 0:

@@ -6,8 +6,9 @@ measured.
 A setting is a name and config overrides, "NAME: KEY=VALUE KEY=VALUE" ("NAME:" alone: the config as it is);
 only `train.` and `model.` keys, since all settings share one tokenizer. Once `--budget` seconds are spent, no
 new setting starts; the first setting then runs again, whatever the budget: its two runs show how much the
-machine drifted in between. Each setting compiles afresh (`torch._dynamo.reset()`): none reuses another's
-graphs, which also hold the attention kernels chosen when they were traced. A setting that fails (out of
+machine drifted in between. Each setting traces afresh (`torch._dynamo.reset()`): none reuses another's
+graphs, which also hold the attention kernels chosen when they were traced (inductor's cache of compiled
+kernels on disk may still spare a later setting some compilation time). A setting that fails (out of
 memory, say) gets a row that says why, and the others go on.
 
 `--best FILE` writes the overrides of the setting with the highest MFU so far to FILE, one KEY=VALUE per line,
@@ -94,6 +95,10 @@ def main() -> None:
         except Exception as e:  # a lever that breaks is a result too; the other settings still run
             traceback.print_exc()
             rows.append(Row(f"{name}: MFU", math.nan, "", f"failed: {type(e).__name__}: {str(e)[:200]}"))
+            failed = True
+        else:
+            failed = False
+        if failed:  # out of the except block: the exception no longer holds the step's tensors
             _free(device)
             continue
         mfu[name] = 100 * ours.flops / roof

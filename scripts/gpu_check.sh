@@ -49,10 +49,15 @@ levers=(
     settings=()
     for lever in "${levers[@]}"; do settings+=(--setting "$lever"); done
     # Leaves 150 s for the benchmark. No new setting starts after `--budget`; one started before it may take
-    # 90 s (a compiled one: compilation and 20 warm-up steps), then the first one runs again (under 30 s).
+    # 90 s (a compiled one: compilation and 20 warm-up steps), then the first one runs again (under 30 s), and
+    # starting python and torch takes some 20 s: 140 s in all. TORCH_LOGS names any recompilation.
     levers_limit=$(limit $((budget - 150 - SECONDS)))
-    step "training levers" "$levers_limit" python3 scripts/bench_levers.py --config "$config" --seconds 5 \
-      --budget $((levers_limit - 100)) --best "$out/best.txt" "${settings[@]}"
+    if ((levers_limit >= 180)); then
+      TORCH_LOGS=recompiles step "training levers" "$levers_limit" python3 scripts/bench_levers.py \
+        --config "$config" --seconds 5 --budget $((levers_limit - 140)) --best "$out/best.txt" "${settings[@]}"
+    else
+      echo "== training levers: skipped, ${levers_limit} s left for them"
+    fi
   fi
   read -ra sets <<< "${GPU_CHECK_SET-$(tr '\n' ' ' 2>/dev/null < "$out/best.txt")}"
   overrides=() training=()

@@ -2,9 +2,9 @@
 # and defines `limit`, `step` and `machine`. Expects $budget (seconds for the whole script).
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1; then  # pip's output kept in $OUT: a failed install is the only trace left
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
+    > "$out/pip.log" 2>&1 || { cat "$out/pip.log"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MT_DATA_PATH="$PWD/data"

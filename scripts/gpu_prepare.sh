@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p data/multi30k .whl
-cp "${MT_DATA_PATH:-../shared/data}"/multi30k/* data/multi30k/
+data_path=${MT_DATA_PATH:-../shared/data}
+cp "${data_path%%:*}"/multi30k/* data/multi30k/  # the first folder of a MT_DATA_PATH list
+rm -f .whl/*.whl  # two versions of one package would stop the install there
 for pkg in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

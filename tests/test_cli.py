@@ -652,6 +652,19 @@ def test_bench_no_reference_compares_settings_of_our_model_alone(trained, monkey
     assert "nn.Transformer" not in result.stdout
 
 
+def test_bench_stopped_by_sigterm_prints_the_rows_measured_so_far(trained, monkeypatch, data_path):
+    import signal
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    monkeypatch.setattr("mt.bench._reference_rows", lambda *a: os.kill(os.getpid(), signal.SIGTERM))  # `timeout`
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode")
+    assert result.exit_code == 130
+    assert "roof: 2048² matmul" in result.stdout and "train ours: MFU" in result.stdout
+    assert "stopped before the end: the rows measured so far" in result.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
+
+
 def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):
     monkeypatch.chdir(trained)
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))

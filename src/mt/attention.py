@@ -141,7 +141,7 @@ KERNEL_ORDER = {  # `train.attention`: the kernel tried first, then the others w
 
 def fast_kernels(device: torch.device, first: str = "auto") -> contextlib.AbstractContextManager:
     """The `scaled_dot_product_attention` kernels to use on `device`, `first` tried first (`train.attention`);
-    `auto` picks the fastest measured for translation-length sequences.
+    `auto` picks the fastest measured for translation-length sequences (on the CPU; on CUDA, flash first).
 
     On the CPU, the plain (math) kernel beats the flash kernel on sentences of a few dozen tokens: in
     training its backward pass is a few batched matrix products (a step 1.26x faster, scripts/profile_step.py).

@@ -16,7 +16,6 @@ Model FLOPs count the real (non-padding) tokens only: padding is work the hardwa
 from __future__ import annotations
 
 import gc
-import logging
 import math
 import resource
 import shutil
@@ -41,8 +40,6 @@ from mt.model import Transformer
 from mt.tokenizer import PAD
 from mt.train import compiled, loss_fn, prepare_data
 from mt.translate import Translator, translate_ids
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +82,11 @@ def training_flops(config: ModelConfig, vocab: int, src_len: np.ndarray, tgt_len
 
 
 class ReferenceTransformer(nn.Module):
-    """The same model built the plain way from `torch.nn.Transformer`: logits for every target position."""
+    """The same model built the plain way from `torch.nn.Transformer`: logits for every target position.
+
+    Same sizes, norm placement and activation; where `nn.Transformer` differs it is in torch's own ways: a final
+    LayerNorm after the encoder and after the decoder, and `model.dropout` on the attention weights too.
+    """
 
     def __init__(self, config: ModelConfig, vocab: int):
         super().__init__()
@@ -94,7 +95,7 @@ class ReferenceTransformer(nn.Module):
         self.positions = SinusoidalPositions(config.d_model, config.max_positions)
         self.transformer = nn.Transformer(
             config.d_model, config.heads, config.encoder_layers, config.decoder_layers, config.d_ff,
-            config.dropout, batch_first=True, norm_first=config.norm == "pre",
+            config.dropout, config.activation, batch_first=True, norm_first=config.norm == "pre",
         )
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ class Training:
     tokens: float  # target tokens per second
     flops: float  # model FLOPs per second, real tokens only
     real_share: float  # real (non-padding) share of the source and target tokens
-    peak: float  # bytes: peak RSS of the process on the CPU, peak allocated during the measurement on CUDA
+    peak: float  # bytes: peak RSS of the process on the CPU; on CUDA, peak allocated from the warm-up on
     steps: int
     warmup: int
 
@@ -206,16 +207,18 @@ def _batch_lengths(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, sentences: int = 1000,
-                  test: str | None = None, rounds: int = 3, decode: bool = True, reference: bool = True) -> list[Row]:
+                  test: str | None = None, rounds: int = 3, decode: bool = True, reference: bool = True,
+                  rows: list[Row] | None = None) -> list[Row]:
     """Measures everything listed in the module docstring and returns the table's rows; without `decode`,
     training alone (the run, if given, still lends its tokenizer); without `reference`, no `nn.Transformer`
-    (to compare settings of our own model quickly)."""
+    (to compare settings of our own model quickly). Rows are appended to `rows`, when given, as they are
+    measured: a caller stopped midway still has them."""
     device = resolve_device(config)
     if decode and run_dir is not None:  # a bad run or test set fails now, not after the training measurements
         Translator.load(run_dir, device="cpu")  # its config, tokenizer and checkpoint
         corpora.resolve(test or _default_test(config), config.data.src_lang, config.data.tgt_lang)
     amp = autocast_dtype(config, device)
-    rows: list[Row] = []
+    rows = [] if rows is None else rows
     roof_dtype = amp or torch.float32
     size = 8192 if device.type == "cuda" else 2048
     scale, flop_unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
@@ -283,7 +286,7 @@ def _reference_rows(config: Config, vocab: int, batches: list[Batch], per_batch:
         Row("train nn.Transformer: target tokens/s", ref_tokens, "tok/s",
             f"{steps} steps, fp32, random batches of {per_batch} sentences"),
         Row("train nn.Transformer: real (non-pad) share", 100 * _real_share(done), "%"),
-        Row("train nn.Transformer: MFU", 100 * ref_flops / roof, "%"),
+        Row("train nn.Transformer: MFU", 100 * ref_flops / roof, "%", "÷ the first roof, whatever dtype it is"),
         Row("train speed-up, ours ÷ nn.Transformer", ours_tokens / ref_tokens, "×"),
     ]
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -490,8 +491,24 @@ def bench(
             run = latest_run(runs_dir)
         except CheckpointError:
             run = None
-    typer.echo(format_table(run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test,
-                                           rounds=rounds, decode=decode, reference=reference)))
+    rows: list = []
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout`'s signal: print what was measured
+    try:
+        run_benchmark(cfg, run, seconds=seconds, sentences=sentences, test=test, rounds=rounds, decode=decode,
+                      reference=reference, rows=rows)
+    except KeyboardInterrupt:
+        if not rows:
+            raise
+        typer.echo(format_table(rows))
+        typer.echo("stopped before the end: the rows measured so far", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    typer.echo(format_table(rows))
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _run_folder(run: Path | None, runs_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """The Transformer's layers: sinusoidal positions, feed-forward, encoder layer and decoder layer.
 
-`activation_dropout` (dropout inside the feed-forward block) defaults to `dropout`, as in torch's layers.
+The layers' `activation_dropout` (dropout inside the feed-forward block) defaults to `dropout`, as in torch's
+layers; the model passes `model.activation_dropout`, 0 by default (fairseq's default).
 Each layer follows the tutorial's drawing: sublayer, then Add & Norm (`norm="post"`, Vaswani et al., 2017),
 or Norm first and Add after (`norm="pre"`, Xiong et al., 2020). Parameter names match
 `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` where they can, so tests copy weights across.

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Context:
+    """This process's place among torchrun's: its rank, the number of ranks, and its GPU on this machine."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

@@ -48,6 +48,8 @@ class DecoderCache:
 
 
 class Transformer(nn.Module):
+    """Encoder and decoder stacks over one shared embedding table, sized by `model.*` (see the module docstring)."""
+
     def __init__(self, config: ModelConfig, vocab_size: int):
         super().__init__()
         self.config = config

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT, write_pair
+from mt import checkpoint
 from mt.cli import app
 from mt.errors import DataError
 from mt.tokenizer import Tokenizer
@@ -201,6 +202,19 @@ def test_a_test_set_typo_fails_before_training_and_no_test_set_is_downloaded(in_
     pair = f"{{src: {src}, tgt: {tgt}}}"
     one_line_error(run("train", "--config", TINY, "--set", f"data.train={pair}", "--set", f"data.valid={pair}",
                        "--overwrite"), r"reached the training data")
+
+
+def test_training_goes_on_when_the_reader_of_its_log_goes_away(tmp_path, data_path):
+    process = subprocess.Popen(  # `mt train ... 2>&1 | head -1`
+        [sys.executable, "-m", "mt", "train", "--config", TINY, "--set", "train.log_every=1", "--set",
+         "train.max_steps=30"], cwd=tmp_path, env={**os.environ, "MT_DATA_PATH": str(data_path)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout.readline()
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert checkpoint.load(run_dir / checkpoint.LAST)["progress"]["step"] == 30  # trained to its end
+    assert "step 30, epoch" in (run_dir / checkpoint.LOG).read_text()  # the log kept every line
 
 
 def test_real_process_shows_no_traceback(tmp_path):
@@ -410,6 +424,9 @@ def test_plot_runs_and_info(trained, monkeypatch):
     shutil.copytree("runs/tiny", copy)
     (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # step 10
     assert re.search(r"^tiny +60 ", run("runs", "--runs-dir", "elsewhere").stdout, re.MULTILINE)  # last.pt's step
+    for name in ("last.pt", "best.pt", *(p.name for p in copy.glob("step_*.pt"))):
+        (copy / name).unlink()  # as a run stopped before its first checkpoint leaves it
+    assert re.search(r"^tiny +- ", run("runs", "--runs-dir", "elsewhere").stdout, re.MULTILINE)
     details = run("info", "runs/tiny")
     assert details.exit_code == 0 and "parameters:" in details.stdout and "vocabulary: 600" in details.stdout
     assert re.search(r"^data read:\n  train:\n  - multi30k:train\n", details.stdout, re.MULTILINE)

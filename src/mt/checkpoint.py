@@ -100,7 +100,7 @@ def saved_step(run_dir: Path) -> int | None:
     weights are not read."""
     try:
         return int(torch.load(run_dir / LAST, map_location="cpu", mmap=True, weights_only=True)["progress"]["step"])
-    except Exception:  # missing, truncated, foreign: the listing says what the metrics say instead
+    except Exception:  # missing, truncated, foreign
         return None
 
 

@@ -58,7 +58,12 @@ class _TqdmHandler(logging.Handler):
     """Logs through tqdm.write so messages do not break a progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except BrokenPipeError:  # `mt train 2>&1 | head`: the work goes on, silently; train.log has every line
+            self.setLevel(logging.CRITICAL + 1)
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # others' writes to it fail no more
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -127,7 +132,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder of the same "
                                             "name first.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors (the run folder is "
+                                        "still printed).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages too.")] = False,
 ) -> None:
     """Train a tokenizer and a Transformer; the run folder is runs/<name>/.
@@ -305,14 +311,12 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The fol
     typer.echo(f"{'run':<24} {'step':>7} {'best BLEU':>9}  {'last change':<16}  folder")
     for folder in folders:
         records = checkpoint.read_metrics(folder)
-        step = checkpoint.saved_step(folder)
-        if step is None:
-            step = max((r["step"] for r in records), default=0)
+        step = checkpoint.saved_step(folder)  # None: no checkpoint yet, or none that reads
         bleus = [r["valid_bleu"] for r in records if "valid_bleu" in r]
         best = f"{max(bleus):.2f}" if bleus else "-"
         changed = max(p.stat().st_mtime for p in folder.iterdir())
         when = datetime.datetime.fromtimestamp(changed).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{folder.name:<24} {step:>7} {best:>9}  {when:<16}  {folder}")
+        typer.echo(f"{folder.name:<24} {'-' if step is None else step:>7} {best:>9}  {when:<16}  {folder}")
 
 
 @app.command()

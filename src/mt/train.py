@@ -185,19 +185,25 @@ def check_trainable(config: Config) -> None:
     check_kernel_order(config.train.attention)
 
 
+def _resolve(key: str, spec: Any, config: Config, fetch: bool = True):
+    """`corpora.resolve` for one corpus of the config; its errors name the config key."""
+    try:
+        return corpora.resolve(spec, config.data.src_lang, config.data.tgt_lang, fetch=fetch)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
 def prepare_data(config: Config, run_dir: Path) -> PreparedData:
     """Reads, tokenizes and filters the corpora; trains the tokenizer unless the run already has one."""
     import datasets
 
     data = config.data
-    valid_files = corpora.resolve(data.valid, data.src_lang, data.tgt_lang)  # a typo fails before the long read
-    try:  # mt eval's, checked now rather than after training; a corpus mt would download is not fetched yet
-        corpora.resolve(data.test, data.src_lang, data.tgt_lang, fetch=False)
-    except DataError as e:
-        raise DataError(f"data.test: {e}") from None
+    valid_files = _resolve("data.valid", data.valid, config)  # a typo fails before the long read
+    # mt eval's test set, checked now rather than after training; a corpus mt would download is not fetched yet
+    _resolve("data.test", data.test, config, fetch=False)
     parts, names, cleaning = [], [], []
     for spec, repeat in corpora.parse_corpus_list(data.train):
-        files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
+        files = _resolve("data.train", spec, config)
         plain = not isinstance(files, corpora.CorpusFiles) or str(files.src) in files.name  # a dataset, or paths
         where = "" if plain else f" ({files.src}, {files.tgt})"
         log.info("reading %s%s", files.name, where)
@@ -416,6 +422,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
             config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
         if ctx.is_main and file_log is None:
             file_log = _log_to(run_dir, logger)
+        tc = config.train
+        if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):  # said before the long read
+            log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
+                        "training goes on until Ctrl-C")
         trainer = Trainer(config, run_dir, resume, ctx)
         with _StopSignals() as signals:
             trainer.run(signals, show_progress)
@@ -590,10 +600,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps or None, initial=p.step, unit="step", dynamic_ncols=True, desc="train",
                    disable=(not show_progress) if show_progress is not None else None)
         self.model.train()
-        if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):
-            log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
-                        "training goes on until Ctrl-C")
-        elif p.step and (reason := self._stop_reason()):
+        if p.step and (reason := self._stop_reason()):
             log.info("the run has already met %s: raise it with --set to train longer", reason)
         window = _Window(self.device)
         clock = time.perf_counter()

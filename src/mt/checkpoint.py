@@ -95,13 +95,20 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / LAST).is_file() or (folder / BEST).is_file() or bool(numbered_checkpoints(folder))
 
 
-def saved_step(run_dir: Path) -> int | None:
-    """The step of the run's last.pt, where a resume goes on; None without a readable one. Memory-mapped: the
-    weights are not read."""
+def peek(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at `path` memory-mapped, so that weights nobody reads are not read; None where there is
+    none that loads (missing, truncated, foreign)."""
     try:
-        return int(torch.load(run_dir / LAST, map_location="cpu", mmap=True, weights_only=True)["progress"]["step"])
-    except Exception:  # missing, truncated, foreign
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # torch raises several types for truncated or foreign files
         return None
+    return state if isinstance(state, dict) else None
+
+
+def saved_step(run_dir: Path) -> int | None:
+    """The step of the run's last.pt, where a resume goes on; None without a readable one."""
+    state = peek(run_dir / LAST)
+    return int(state["progress"]["step"]) if state is not None and "progress" in state else None
 
 
 def numbered_checkpoints(run_dir: Path) -> list[Path]:

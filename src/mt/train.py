@@ -126,7 +126,8 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         # Longer or shorter is what a resume is for; any other change is worth a word.
         stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
         changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
-        if changed := changed + [c for c in _changes(saved, config, "train") if not c.startswith(stops)]:
+        changed += [c for c in _changes(saved, config, "train") if not c.startswith(stops)]
+        if changed:
             log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
         if changed := _changes(saved, config, "decode"):
             log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
@@ -566,24 +567,18 @@ class Trainer:
         that checkpoint (a kill between best.pt and last.pt, or a damaged last.pt). A later, worse validation
         then does not overwrite it."""
         p = self.progress
-        try:
-            best = checkpoint.load(self.run_dir / checkpoint.BEST)
-        except CheckpointError:  # none yet, or damaged: the next better validation writes it
-            return
-        if best.get("valid_bleu", -math.inf) > p.best_bleu:
+        best = checkpoint.peek(self.run_dir / checkpoint.BEST)
+        if best is not None and best.get("valid_bleu", -math.inf) > p.best_bleu:  # none yet, or damaged: skipped
             log.warning("%s (step %d, BLEU %.2f) is newer than the checkpoint resumed from (step %d): kept as the "
                         "best so far", checkpoint.BEST, best["step"], best["valid_bleu"], p.step)
             p.best_bleu, p.best_step = best["valid_bleu"], best["step"]
 
     def finished(self) -> bool:
         """Whether a stopping condition is met; under DDP, rank 0's answer holds on every rank."""
-        return bool(distributed.from_main(self.ctx, self._finished_here()))
-
-    def _finished_here(self) -> bool:
-        return bool(self._stop_reason())
+        return bool(distributed.from_main(self.ctx, self._stop_reason()))
 
     def _stop_reason(self) -> str:
-        """The stopping condition met, or "" while training goes on."""
+        """The stopping condition met here, or "" while training goes on."""
         tc, p = self.tc, self.progress
         if tc.max_steps and p.step >= tc.max_steps:
             return f"train.max_steps ({tc.max_steps})"
@@ -631,7 +626,7 @@ class Trainer:
                                         tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
                                         bleu=f"{max(p.best_bleu, 0):.1f}")
                     # Rank 0 decides both at once: one message per step under DDP.
-                    finished, stop = distributed.from_main(self.ctx, (self._finished_here(), signals.received))
+                    finished, stop = distributed.from_main(self.ctx, (bool(self._stop_reason()), signals.received))
                     if p.step % tc.valid_every == 0 or finished:
                         self.validate_and_save()
                         now = time.perf_counter()

@@ -62,8 +62,14 @@ class _TqdmHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr)
         except BrokenPipeError:  # `mt train 2>&1 | head`: the work goes on, silently; train.log has every line
             self.setLevel(logging.CRITICAL + 1)
-            with contextlib.suppress(AttributeError, OSError, ValueError):  # others' writes to it fail no more
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            _to_nowhere(sys.stderr)
+
+
+def _to_nowhere(stream) -> None:
+    """Points `stream`'s file at /dev/null: after its reader went away, later writes (and the flush at exit)
+    raise no more errors."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # a stream with no file (tests)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -92,8 +98,7 @@ def _errors_exit_2(command):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except BrokenPipeError:  # `mt translate ... | head`, `mt info | head -1`: the reader has all it wants
-            with contextlib.suppress(AttributeError, OSError, ValueError):  # no second error at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _to_nowhere(sys.stdout)
             raise typer.Exit(0) from None
         except OSError as e:  # a full disk, a read-only folder: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""

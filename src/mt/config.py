@@ -163,9 +163,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     config = read = _build(Config, raw, "", source)
     for override in overrides:
         config = apply_override(config, override, across=False)
-    if problems := _across(config):  # blamed on the overrides where the file alone keeps the rules
-        blame = source if _across(read) or not overrides else " ".join(f"--set {o}" for o in overrides)
-        raise ConfigError(f"{blame}: {problems[0]}")
+    if problem := _broken_rule(config):  # blamed on the overrides where the file alone keeps the rules
+        blame = source if _broken_rule(read) or not overrides else " ".join(f"--set {o}" for o in overrides)
+        raise ConfigError(f"{blame}: {problem}")
     return config
 
 
@@ -184,8 +184,8 @@ def load_run_config(path: Path) -> Config:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: a run's config holds every section, so this one "
                           "was emptied or cut short; restore it, e.g. from a copy of the run")
     config = _build(Config, raw, "", str(path))
-    if problems := _across(config):
-        raise ConfigError(f"{path}: {problems[0]}")
+    if problem := _broken_rule(config):
+        raise ConfigError(f"{path}: {problem}")
     return config
 
 
@@ -231,8 +231,8 @@ def apply_override(config: Config, override: str, across: bool = True) -> Config
         else:
             node = node[part]
     config = _build(Config, raw, "", source)
-    if across and (problems := _across(config)):
-        raise ConfigError(f"{source}: {problems[0]}")
+    if across and (problem := _broken_rule(config)):
+        raise ConfigError(f"{source}: {problem}")
     return config
 
 
@@ -314,18 +314,17 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
-def _across(config: Config) -> list[str]:
-    """What breaks the rules that tie keys together (and one on a pair of values)."""
+def _broken_rule(config: Config) -> str:
+    """The first rule that ties keys together (or the values of one pair) that `config` breaks, or ""."""
     train, model = config.train, config.model
-    problems = []
     if train.average_last > train.keep_checkpoints:
-        problems.append(f"train.average_last ({train.average_last}) must be <= train.keep_checkpoints "
-                        f"({train.keep_checkpoints})")
+        return (f"train.average_last ({train.average_last}) must be <= train.keep_checkpoints "
+                f"({train.keep_checkpoints})")
     if model.d_model % model.heads:
-        problems.append(f"model.heads ({model.heads}) must divide model.d_model ({model.d_model})")
+        return f"model.heads ({model.heads}) must divide model.d_model ({model.d_model})"
     if not all(0 <= beta < 1 for beta in train.adam_betas):
-        problems.append(f"train.adam_betas must be two numbers in [0, 1), got {list(train.adam_betas)}")
-    return problems
+        return f"train.adam_betas must be two numbers in [0, 1), got {list(train.adam_betas)}"
+    return ""
 
 
 def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:

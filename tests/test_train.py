@@ -99,6 +99,8 @@ def test_a_run_stopped_between_validations_is_validated_when_resumed_with_nothin
         train(load_config(TINY, short("stopped", 0)), show_progress=False)
     assert "no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0)" in caplog.text
     run_dir = in_tmp / "runs" / "stopped"
+    assert "WARNING mt.train: stopped by SIGINT at step 3; checkpoint saved. Resume with: mt train --config " \
+        in (run_dir / checkpoint.LOG).read_text()  # the log says how the run ended
     assert not (run_dir / checkpoint.BEST).exists()
     train(load_config(TINY, short("stopped", 3)), resume=True, show_progress=False)
     assert "the run has already met train.max_steps (3): raise it with --set" in caplog.text

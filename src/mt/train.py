@@ -429,7 +429,12 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
                         "training goes on until Ctrl-C")
         trainer = Trainer(config, run_dir, resume, ctx)
         with _StopSignals() as signals:
-            trainer.run(signals, show_progress)
+            try:
+                trainer.run(signals, show_progress)
+            except Interrupted as e:  # the CLI prints it; train.log keeps it too
+                if file_log:
+                    file_log.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, str(e), None, None))
+                raise
         if config.train.tune_decoding and ctx.is_main:
             from mt.evaluate import describe_setting, tune_run
 

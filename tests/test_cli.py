@@ -177,7 +177,7 @@ def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in
     with monkeypatch.context() as patch:  # a typo in data.valid fails before the training data is read
         patch.setattr("mt.train.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
         one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"),
-                       r"nope\.fr")
+                       r"data\.valid: corpus file not found: nope\.fr")
     assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left: no checkpoint
     short = ["--set", "train.max_steps=2", "--set", "train.valid_every=2"]
     result = run("train", "--config", TINY, *short)  # the corrected command, as it was
@@ -438,7 +438,7 @@ def test_plot_runs_and_info(trained, monkeypatch):
     [
         (lambda d: None, ["train", "--config", "nowhere.yaml"], r"config file not found: nowhere\.yaml"),
         (lambda d: None, ["train", "--config", TINY, "--set", "data.train={src: no.fr, tgt: no.en}"],
-         r"corpus file not found: no\.fr \(a relative path: read from /\S+\)"),
+         r"data\.train: corpus file not found: no\.fr \(a relative path: read from /\S+\)"),
         (lambda d: (d / "bad.fr").write_bytes(b"ok\n\xff\n") and (d / "bad.en").write_bytes(b"ok\nok\n"),
          ["train", "--config", TINY, "--set", "data.train={src: bad.fr, tgt: bad.en}"],
          r"bad\.fr, line 2: not valid UTF-8"),

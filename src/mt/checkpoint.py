@@ -42,8 +42,8 @@ def save(state: dict[str, Any], path: Path) -> None:
     write_atomically(path, functools.partial(torch.save, state))
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Loads a checkpoint.
+def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Loads a checkpoint; with `mmap`, memory-mapped, so that weights nobody reads are not read.
 
     Raises:
         CheckpointError: naming the file, if it is missing, truncated or not a checkpoint.
@@ -51,7 +51,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or no checkpoint at all "
                               f"({type(e).__name__})") from None
@@ -96,13 +96,11 @@ def has_checkpoint(folder: Path) -> bool:
 
 
 def peek(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path` memory-mapped, so that weights nobody reads are not read; None where there is
-    none that loads (missing, truncated, foreign)."""
+    """The checkpoint at `path`, memory-mapped (`load`); None where there is none that loads."""
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # torch raises several types for truncated or foreign files
+        return load(path, mmap=True)
+    except CheckpointError:
         return None
-    return state if isinstance(state, dict) else None
 
 
 def saved_step(run_dir: Path) -> int | None:

@@ -245,8 +245,7 @@ def translate(
             for line in decode_lines(sys.stdin.buffer, "stdin"):  # streams: translated in chunks as lines arrive
                 chunk.append(line)
                 if len(chunk) == 64:
-                    emit(chunk)
-                    sys.stdout.flush()
+                    emit(chunk)  # typer.echo flushes: each chunk reaches the reader at once
                     chunk = []
         except DataError:  # a bad line: the lines before it are translated before its error
             if chunk:

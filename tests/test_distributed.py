@@ -57,6 +57,24 @@ def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, 
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_ranks_with_compiled_layers_equal_one_rank_uncompiled(tmp_path, data_path, monkeypatch):
+    # DDP over the compiled layers (`mt.train.compiled`): each rank's gradients reach the other's update.
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "tests" / "eager_compile_mt.py")]
+    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1", "train.compile=true")
+    # Each rank traced one encoder layer graph and one decoder layer graph.
+    assert [(tmp_path / "two" / f"graphs.{rank}").read_text() for rank in (0, 1)] == ["2\n", "2\n"]
+    assert losses(single) == pytest.approx(losses(double), rel=1e-4)
+    a, b = (checkpoint.load(run / "last.pt") for run in (single, double))
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_resuming_on_more_processes_says_what_an_update_becomes(tmp_path, data_path, monkeypatch):
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))
     run_dir = mt_train(tmp_path, [sys.executable, "-m", "mt"], "train.max_steps=4")

@@ -349,13 +349,14 @@ def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
 
 
 @pytest.mark.parametrize("bf16_weights", [False, True])
-def test_training_forward_compiles_as_one_graph_for_every_batch_shape(bf16_weights):
+def test_training_forward_compiles_one_graph_per_kind_of_layer_for_every_batch_shape(bf16_weights):
     torch.manual_seed(0)
-    model = Transformer(load_config(TINY).model, 30).eval()  # eval: no dropout, so both passes match
+    layers = ["model.encoder_layers=3", "model.decoder_layers=3"]
+    model = Transformer(load_config(TINY, layers).model, 30).eval()  # eval: no dropout, so both passes match
     if bf16_weights:  # the bf16 copy that train.precision: bf16-weights trains
         model = MasterWeights(model).work
     # backend "eager": dynamo's tracing without inductor's code generation, which takes a minute on a CPU.
-    # fullgraph: a graph break would fail here rather than silently split the compiled step.
+    # fullgraph: a graph break would fail here rather than silently split a compiled layer.
     net = compiled(model, backend="eager", fullgraph=True)
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
@@ -366,14 +367,18 @@ def test_training_forward_compiles_as_one_graph_for_every_batch_shape(bf16_weigh
                      ([[5, 6, 7, 8, 9, 10]] * 3, [[4, 5, 6]] * 3), ([[5, 6]] * 5, [[7, 8, 9, 10, 11]] * 5)):
         batch = collate(src, tgt)
         torch.testing.assert_close(loss_fn(net, batch, 0.1), loss_fn(model, batch, 0.1))
-    # Dynamic shapes: no recompilation per shape (a batch of one sentence would get a graph of its own).
-    assert counts["stats"]["unique_graphs"] == 1
+    # One graph for the 3 encoder layers and one for the 3 decoder layers, and no recompilation per shape
+    # (dynamic shapes; a batch of one sentence would get graphs of its own).
+    assert counts["stats"]["unique_graphs"] == 2
+    # The model itself stays eager: validation and decoding run it.
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
+    assert [p.data_ptr() for p in net.parameters()] == [p.data_ptr() for p in model.parameters()]
 
 
-def test_train_compile_trains_the_compiled_model(in_tmp, monkeypatch):
+def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
     made, compile_ = [], torch.compile
 
-    class Counted(torch.nn.Module):  # counts the forward passes that go through the compiled model
+    class Counted(torch.nn.Module):  # counts the forward passes that go through a compiled layer
         def __init__(self, inner):
             super().__init__()
             self.inner, self.passes = inner, 0
@@ -383,14 +388,15 @@ def test_train_compile_trains_the_compiled_model(in_tmp, monkeypatch):
             return self.inner(*args, **kwargs)
 
     def eager_compile(model, **options):  # inductor would take a minute here; the wiring is what is tested
-        made.append((options, Counted(compile_(model, backend="eager", **options))))
-        return made[-1][1]
+        made.append((type(model).__name__, options, Counted(compile_(model, backend="eager", **options))))
+        return made[-1][-1]
 
     monkeypatch.setattr("mt.train.torch.compile", eager_compile)
     run = train(load_config(TINY, short("compiled", 10) + ["train.compile=true"]), show_progress=False)
-    [(options, net)] = made
-    assert options == {"dynamic": True}
-    assert net.passes == 10  # every training step went through it, one batch each; validation runs uncompiled
+    assert [(kind, options) for kind, options, _ in made] == [("EncoderLayer", {"dynamic": True})] * 2 + [
+        ("DecoderLayer", {"dynamic": True})] * 2
+    # Every training step went through each of them, one batch each; validation runs uncompiled.
+    assert [net.passes for *_, net in made] == [10] * 4
     losses = [r["train_loss"] for r in metrics(run) if "train_loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 

@@ -70,9 +70,9 @@ def main() -> None:
     if any(autocast_dtype(config, device) != amp for _, _, config in settings):
         parser.error("all settings must train in the dtype of the roof (train.precision fp32 against bf16 is not "
                      "a lever this script compares)")
-    roof = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
+    roof, size = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
     scale, unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
-    rows = [Row(f"roof: matmul, {str(amp or torch.float32).removeprefix('torch.')}", roof / scale, unit,
+    rows = [Row(f"roof: {size}² matmul, {str(amp or torch.float32).removeprefix('torch.')}", roof / scale, unit,
                 _device_name(device))]
     data = training_data(base, args.run)
     vocab = data.tokenizer.vocab_size

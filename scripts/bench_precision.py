@@ -81,9 +81,9 @@ def main() -> None:
     table = PairTable(data.train)
     index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, config.train.seed)
     batches = [table.batch(idx) for idx in index_batches[:400]]
-    roof = matmul_roof(device, torch.bfloat16, 8192 if device.type == "cuda" else 2048)
+    roof, size = matmul_roof(device, torch.bfloat16, 8192 if device.type == "cuda" else 2048)
     scale, unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
-    rows = [Row("roof: matmul, bfloat16", roof / scale, unit,
+    rows = [Row(f"roof: {size}² matmul, bfloat16", roof / scale, unit,
                 torch.cuda.get_device_name() if device.type == "cuda" else "CPU")]
     steps = {name: make_step(config, name, vocab, device, args.compile) for name in SETTINGS}
     warmup = COMPILED_WARMUP if args.compile else 3

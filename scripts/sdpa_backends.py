@@ -149,7 +149,7 @@ def main() -> None:
     config = load_config(args.config, [])
     device = resolve_device(config)
     amp = autocast_dtype(config, device)
-    roof = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
+    roof, _ = matmul_roof(device, amp or torch.float32, 8192 if device.type == "cuda" else 2048)
     data = training_data(config, args.run)
     table = PairTable(data.train)
     vocab = data.tokenizer.vocab_size

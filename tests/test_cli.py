@@ -719,3 +719,22 @@ def test_efficient_attention_first_on_a_torch_that_cannot_order_kernels_fails_be
         attention._sdpa_kernel_orders.cache_clear()
     one_line_error(result, r"train.attention: efficient needs a newer torch than .*; use flash or math")
     assert not (tmp_path / "runs").exists()
+
+
+def test_roof_is_timed_at_least_once_and_at_a_size_a_slow_cpu_multiplies_in_time(monkeypatch):
+    from mt import bench
+
+    flops, size = bench.matmul_roof(torch.device("cpu"), torch.float32, 256, seconds=0.0)
+    assert size == 256 and flops > 0  # one timing even when the time is up
+    # A product taking 1 s at 256² (bf16 on a CPU without bf16 instructions) gives the smallest size tried.
+    monkeypatch.setattr(bench, "_product_seconds", lambda device, dtype, size: 1.0)
+    assert bench.matmul_roof(torch.device("cpu"), torch.float32, 2048, seconds=0.01)[1] == 256
+
+
+def test_device_name_gives_the_cpus_widest_vector_instructions(monkeypatch):
+    from mt import bench
+
+    for flags, named in (({"avx", "avx2", "fma"}, "AVX2"), ({"avx2", "avx512f", "avx512_bf16"}, "AVX512-BF16"),
+                         ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX"), ({"sse2"}, "no AVX2")):
+        monkeypatch.setattr("mt.devices.cpu_flags", lambda flags=flags: frozenset(flags))
+        assert bench._device_name(torch.device("cpu")).endswith(f" threads, {named}")

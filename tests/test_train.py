@@ -476,3 +476,11 @@ def test_bf16_weights_train_like_autocast_and_resume_exactly(in_tmp):
     # The same run under autocast: only rounding differs.
     assert losses[0][-1] == pytest.approx(losses[2][-1], rel=0.05)
     assert losses[0][-1] < losses[0][0]
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(in_tmp, monkeypatch, caplog, has_bf16):
+    monkeypatch.setattr("mt.devices.cpu_has_bf16", lambda: has_bf16)
+    train(load_config(TINY, short("bf16", 2) + ["train.precision=bf16-weights", "train.device=cpu"]),
+          show_progress=False)
+    assert ("this CPU has no bf16 instructions" in caplog.text) == (not has_bf16)

@@ -33,7 +33,15 @@ from torch import nn
 from mt import checkpoint, corpora
 from mt.config import Config, ModelConfig
 from mt.data import Batch, PairTable, make_batches, read_corpus
-from mt.devices import MasterWeights, autocast, autocast_dtype, resolve_device, training_precision
+from mt.devices import (
+    MasterWeights,
+    autocast,
+    autocast_dtype,
+    bf16_without_instructions,
+    cpu_vector_set,
+    resolve_device,
+    training_precision,
+)
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
 from mt.model import Transformer
@@ -52,21 +60,37 @@ class Row:
     note: str = ""
 
 
-def matmul_roof(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> float:
-    """FLOP/s of a size × size matrix product in `dtype`, the best of repeated timings."""
+def matmul_roof(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 2.0) -> tuple[float, int]:
+    """FLOP/s of a square matrix product in `dtype`, the best of repeated timings for about `seconds`, and the
+    product's size: `size`, or on a CPU the largest power of two below it whose product takes under `seconds`.
+
+    A CPU without bf16 instructions multiplies bf16 in plain loops: a 2048² product took 100 s on a Zen 1
+    EPYC (AVX2), 400 times as long as in fp32; `train.precision: auto` trains in fp32 there.
+    """
+    if device.type == "cpu":  # timed at 256², which takes milliseconds at any speed, then scaled by size³
+        while size > 256 and _product_seconds(device, dtype, 256) * (size / 256) ** 3 > seconds:
+            size //= 2
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    products = 4 if device.type == "cuda" else 1  # per timing: a GPU's take microseconds to launch
     best, deadline = math.inf, time.perf_counter() + seconds
-    for _ in range(3):  # warm-up
-        a @ b
-    while time.perf_counter() < deadline:
+    while best == math.inf or time.perf_counter() < deadline:
         _sync(device)
         start = time.perf_counter()
-        for _ in range(4):
+        for _ in range(products):
             a @ b
         _sync(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * size**3 / best
+        best = min(best, (time.perf_counter() - start) / products)
+    return 2 * size**3 / best, size
+
+
+def _product_seconds(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    return time.perf_counter() - start
 
 
 def training_flops(config: ModelConfig, vocab: int, src_len: np.ndarray, tgt_len: np.ndarray) -> float:
@@ -220,13 +244,15 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     amp = autocast_dtype(config, device)
     rows = [] if rows is None else rows
     roof_dtype = amp or torch.float32
-    size = 8192 if device.type == "cuda" else 2048
+    largest = 8192 if device.type == "cuda" else 2048
     scale, flop_unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
-    roof = matmul_roof(device, roof_dtype, size)
+    roof, size = matmul_roof(device, roof_dtype, largest)
+    slow = ", no bf16 instructions: train.precision auto trains in fp32 here" if bf16_without_instructions(
+        config, device) else ""
     rows.append(Row(f"roof: {size}² matmul, {str(roof_dtype).removeprefix('torch.')}", roof / scale, flop_unit,
-                    _device_name(device)))
+                    _device_name(device) + slow))
     if amp is not None:
-        fp32_roof = matmul_roof(device, torch.float32, size)
+        fp32_roof, size = matmul_roof(device, torch.float32, largest)
         rows.append(Row(f"roof: {size}² matmul, float32", fp32_roof / scale, flop_unit))
 
     data = training_data(config, run_dir)
@@ -360,15 +386,15 @@ def _peak_memory(device: torch.device) -> float:
 
 
 def _device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name, threads and widest vector instructions."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return f"CPU, {torch.get_num_threads()} threads"
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
+    return f"{model}, {torch.get_num_threads()} threads, {cpu_vector_set()}"
 
 
 def _sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -47,11 +48,30 @@ def pick_device(wanted: str, key: str) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast trains faster."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_vector_set() -> str:
+    """The widest vector instructions this CPU has, in words ("AMX", "AVX512-BF16", "AVX-512", "AVX2", ...)."""
+    flags = cpu_flags()
+    names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX-512", "avx2": "AVX2"}
+    return next((name for flag, name in names.items() if flag in flags), "no AVX2")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of /proc/cpuinfo; empty where there is none."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def bf16_without_instructions(config: Config, device: torch.device) -> bool:
+    """Whether `train.precision` asks for bf16 on a CPU that has no bf16 instructions: there its bf16 matrix
+    products run in plain loops, hundreds of times slower than fp32 (`mt.bench.matmul_roof`)."""
+    return device.type == "cpu" and config.train.precision in ("bf16", "bf16-weights") and not cpu_has_bf16()
 
 
 def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:

@@ -47,7 +47,14 @@ from mt.data import (
     normalize_text,
     tokenize,
 )
-from mt.devices import MasterWeights, autocast, autocast_dtype, resolve_device, training_precision
+from mt.devices import (
+    MasterWeights,
+    autocast,
+    autocast_dtype,
+    bf16_without_instructions,
+    resolve_device,
+    training_precision,
+)
 from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.files import free_mib, write_bytes
@@ -502,6 +509,10 @@ class Trainer:
         if self.device.type == "cuda" and self.ctx.active:
             self.device = torch.device("cuda", self.ctx.local_rank)
         self.amp = autocast_dtype(config, self.device)
+        if bf16_without_instructions(config, self.device) and self.ctx.is_main:
+            log.warning("train.precision is %s, but this CPU has no bf16 instructions (AVX512-BF16 or AMX): its bf16 "
+                        "matrix products run hundreds of times slower than fp32; 'auto' trains in fp32 here",
+                        tc.precision)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)

@@ -38,6 +38,7 @@ from mt.devices import (
     autocast,
     autocast_dtype,
     bf16_without_instructions,
+    cpu_model,
     cpu_vector_set,
     resolve_device,
     training_precision,
@@ -389,12 +390,7 @@ def _device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name, threads and widest vector instructions."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
-    return f"{model}, {torch.get_num_threads()} threads, {cpu_vector_set()}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {cpu_vector_set()}"
 
 
 def _sync(device: torch.device) -> None:

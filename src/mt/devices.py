@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import re
 from pathlib import Path
 
@@ -59,13 +60,27 @@ def cpu_vector_set() -> str:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of /proc/cpuinfo; empty where there is none."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        return {}
+    fields = {}
+    for line in itertools.takewhile(str.strip, lines):
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of /proc/cpuinfo; empty where there is none."""
+    return frozenset(cpu_info().get("flags", "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    return cpu_info().get("model name", "CPU")
 
 
 def bf16_without_instructions(config: Config, device: torch.device) -> bool:

@@ -45,7 +45,8 @@ def test_misspelt_section(tmp_path):
     [
         ("model:\n  d_model: big\n", r"model\.d_model must be an integer, got 'big'"),
         ("model:\n  norm: middle\n", r"model\.norm must be one of 'post', 'pre'"),
-        ("train:\n  lr: -1\n", r"train\.lr must be >= 0"),
+        ("train:\n  lr: -1\n", r"train\.lr must be > 0\.0, got -1\.0"),
+        ("train:\n  lr: 0\n", r"train\.lr must be > 0\.0, got 0\.0"),
         ("model:\n  dropout: 1.5\n", r"model\.dropout must be <= 0\.9"),
         ("model:\n  d_model: 30\n  heads: 4\n", r"model\.heads \(4\) must divide model\.d_model \(30\)"),
         ("train: 3\n", r"'train' must be a mapping"),

@@ -31,10 +31,10 @@ CorpusList = str | dict[str, str] | list
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           inf: bool = False) -> Any:
-    """A config field with its help text (shown in the README's reference), an allowed range, and whether
-    `.inf` is a meaningful value of it (NaN never is)."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max, "inf": inf})
+           above: float | None = None, inf: bool = False) -> Any:
+    """A config field with its help text (shown in the README's reference), an allowed range (`above`: a
+    bound the value must exceed), and whether `.inf` is a meaningful value of it (NaN never is)."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "above": above, "inf": inf})
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ModelConfig:
 class TrainConfig:
     batch_tokens: int = option(4096, "tokens (source + target, padding included) per batch", min=16)
     accumulate: int = option(1, "batches whose gradients are summed before each update", min=1)
-    lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", min=0.0)
+    lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", above=0.0)
     warmup_steps: int = option(600, "linear warmup, then inverse-square-root decay", min=1)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     adam_betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
@@ -120,6 +120,10 @@ class TrainConfig:
     tune_decoding: bool = option(True, "at the end, choose beam size and length penalty on the valid set and "
                                  "store them as the run's decode defaults")
     max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
+
+# The grid `mt train` (train.tune_decoding) and `mt tune` search for the decode section's beam and penalty.
+TUNE_BEAMS = (1, 4, 5, 8)
+TUNE_PENALTIES = (0.6, 1.0, 1.4)
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,9 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         fail(f">= {low}" + (f" and <= {high}" if high is not None else ""))
     if high is not None and value > high:
         fail(f"<= {high}" + (f" and >= {low}" if low is not None else ""))
+    above = meta.get("above")
+    if above is not None and value <= above:
+        fail(f"> {above}")
     return value
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mt import checkpoint, corpora, distributed
 from mt.attention import check_kernel_order, fast_kernels
-from mt.config import Config, config_to_dict, load_run_config, save_config
+from mt.config import TUNE_BEAMS, TUNE_PENALTIES, Config, config_to_dict, load_run_config, save_config
 from mt.data import (
     LAYOUTS,
     Batch,
@@ -64,8 +64,6 @@ from mt.translate import translate_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BEAMS = (1, 4, 5, 8)
-DEFAULT_PENALTIES = (0.6, 1.0, 1.4)
 # Decoding inside `mt train` (validation, and choosing the decoding defaults) runs one stream, whatever
 # `decode.inter_threads` says: a second thread's allocations stay in its own malloc arena, on top of the
 # training's memory. In 2.5-minute runs of the default config it raised `mt train`'s peak RSS by half a
@@ -457,7 +455,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         if config.train.tune_decoding and ctx.is_main:
             from mt.evaluate import describe_setting, tune_run
 
-            best = tune_run(run_dir, DEFAULT_BEAMS, DEFAULT_PENALTIES, device=str(trainer.device),
+            best = tune_run(run_dir, TUNE_BEAMS, TUNE_PENALTIES, device=str(trainer.device),
                             streams=IN_TRAINING_STREAMS)[0]
             log.info("decoding defaults chosen on the valid set: %s (BLEU %.2f)", describe_setting(best), best["bleu"])
         if ctx.is_main:  # the tokenized data: a resume of the finished run makes it again

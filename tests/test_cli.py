@@ -346,6 +346,16 @@ def test_nbest_json(trained, monkeypatch):
         assert all(isinstance(t["text"], str) for t in o["translations"])
 
 
+def test_nbest_lines_number_each_hypothesis_by_its_input_line(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    result = run("translate", "--nbest", 2, input="Un chat.\nDeux chiens courent.\nUne femme.\n")
+    assert result.exit_code == 0, result.output
+    fields = [line.split(" ||| ") for line in result.stdout.splitlines()]
+    assert [int(f[0]) for f in fields] == [0, 0, 1, 1, 2, 2] and all(len(f) == 3 for f in fields)
+    scores = [float(f[2]) for f in fields]
+    assert all(scores[i] >= scores[i + 1] for i in (0, 2, 4))
+
+
 def test_interactive_prompt(trained, monkeypatch):
     monkeypatch.chdir(trained)
     expected = run("translate", "Un chat.").stdout

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
+from mt.config import TUNE_BEAMS, TUNE_PENALTIES
 from mt.errors import DataError, Interrupted, MtError
 
 app = typer.Typer(
@@ -170,7 +171,8 @@ def translate(
     beam: BeamOption = None,
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Translate each line of this file "
                                                "(- for stdin).")] = None,
-    nbest: Annotated[int, typer.Option(min=1, help="Print the N best translations of each line (with scores).")] = 1,
+    nbest: Annotated[int, typer.Option(min=1, help="Print the N best translations of each line, one per output "
+                                       "line: LINE ||| TRANSLATION ||| SCORE, LINE counting from 0.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input line.")] = False,
     attention: Annotated[Path | None, typer.Option(help="Draw the cross-attention of TEXT's translation into "
                                                    "this PNG: one panel per layer and head.")] = None,
@@ -182,7 +184,7 @@ def translate(
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
 ) -> None:
-    """Translate French to English: one output line per input line, in order.
+    """Translate French to English: one output line per input line, in order (N of them with --nbest N).
 
     Examples: mt translate "Un chien court dans l'herbe." --beam 5;
     mt translate --input news.fr > news.en;  cat news.fr | mt translate --json --nbest 3;
@@ -207,15 +209,19 @@ def translate(
     if nbest > 1 and (beam or translator.config.decode.beam_size) < nbest:
         beam = nbest  # n-best lists come from the beam
 
+    emitted = 0  # lines translated so far: the sentence number of an n-best list
+
     def emit(lines: list[str]) -> None:
+        nonlocal emitted
         for line, options in zip(lines, translator.translate_nbest(lines, beam, nbest=nbest), strict=True):
             if as_json:
                 typer.echo(json.dumps({"source": line, "translations": [
                     {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
-            elif nbest > 1:
-                typer.echo("\t".join(f"{t.score:.4f}\t{t.text}" for t in options))
+            elif nbest > 1:  # Moses' and Marian's n-best format: one line per hypothesis, best first
+                typer.echo("\n".join(f"{emitted} ||| {t.text} ||| {t.score:.4f}" for t in options))
             else:
                 typer.echo(options[0].text)
+            emitted += 1
 
     if text is not None:
         lines = text.splitlines() or [text]  # one output line per input line, as for a file
@@ -432,8 +438,9 @@ def average(
 @_errors_exit_2
 def tune(
     run: RunOption = None,
-    beams: Annotated[str, typer.Option(help="Beam sizes to try, comma-separated.")] = "1,4,5,8",
-    penalties: Annotated[str, typer.Option(help="Length penalties to try, comma-separated.")] = "0.6,1.0,1.4",
+    beams: Annotated[str, typer.Option(help="Beam sizes to try, comma-separated.")] = ",".join(map(str, TUNE_BEAMS)),
+    penalties: Annotated[str, typer.Option(help="Length penalties to try, comma-separated.")] = ",".join(
+        map(str, TUNE_PENALTIES)),
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,

@@ -73,6 +73,7 @@ def cpu_info() -> dict[str, str]:
     return fields
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of /proc/cpuinfo; empty where there is none."""
     return frozenset(cpu_info().get("flags", "").split())

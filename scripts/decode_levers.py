@@ -5,7 +5,8 @@ recompute ratio that `mt bench` reports (the search's top-k and the streams serv
 Levers: two batches decoded at once (`decode.inter_threads` 2 against 1); top-k from chunk maxima
 (`search.top_n` against `Tensor.topk`); softmax of short rows written out (`attention.softmax` against
 `Tensor.softmax`); at least 7 keys per cached product (`attention.MIN_KEYS` 7 against none); self-attention
-caches stored step by step (`attention._by_step` against head by head, (B, H, L, D) in memory). The settings
+caches stored step by step (`attention._by_step` against head by head, (B, H, L, D) in memory); bf16 products
+with their rows padded to few shapes (`mt.linear.PADDED_ROWS` against the rows as they are). The settings
 alternate round by round, and each one's fastest round counts.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/decode_levers.py --run runs/multi30k
@@ -22,7 +23,7 @@ from unittest import mock
 
 import torch
 
-from mt import attention, corpora, search
+from mt import attention, corpora, linear, search
 from mt.data import read_corpus
 from mt.translate import Translator, length_sorted_batches, translate_ids
 
@@ -33,6 +34,7 @@ LEVERS = {
     "7 keys": lambda: mock.patch.object(attention, "MIN_KEYS", 0),
     "step-major caches": lambda: mock.patch.object(
         attention, "_by_step", lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)),
+    "padded rows": lambda: mock.patch.object(linear, "PADDED_ROWS", False),
 }
 
 

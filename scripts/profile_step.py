@@ -72,7 +72,7 @@ def build(setting: Setting) -> Transformer:
 def patches(setting: Setting) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if setting.flash:  # loss_fn picks the kernel through mt.train.fast_kernels: replace it by "no preference"
-        stack.enter_context(mock.patch("mt.train.fast_kernels", lambda device: contextlib.nullcontext()))
+        stack.enter_context(mock.patch("mt.train.fast_kernels", lambda device, first="auto": contextlib.nullcontext()))
     if setting.autograd_loss:
         stack.enter_context(mock.patch("mt.train.SmoothedCrossEntropy.apply", autograd_cross_entropy))
     return stack

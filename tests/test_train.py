@@ -221,7 +221,7 @@ def test_early_stopping_stops_after_patience(in_tmp):
     run_dir = train(load_config(TINY, [*short("patient", 1000), "train.patience=1", "train.valid_every=2",
                                        "train.lr=1e-9"]), show_progress=False)
     progress = checkpoint.load(run_dir / "last.pt")["progress"]
-    assert progress["step"] == 4 and progress["bad_validations"] == 1  # lr 1e-9: the greedy output, so BLEU, cannot change
+    assert progress["step"] == 4 and progress["bad_validations"] == 1  # lr 1e-9: greedy output, so BLEU, unchanged
 
 
 def test_loss_is_torch_label_smoothed_cross_entropy():

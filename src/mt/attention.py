@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mt.errors import ConfigError
+from mt.linear import Linear, linear
 from mt.masks import causal_mask
 
 MIN_KEYS = 7
@@ -271,7 +272,7 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.heads, self.head_dim, self.dropout = d_model, heads, d_model // heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -299,13 +300,13 @@ class MultiHeadAttention(nn.Module):
         """
         E = self.d_model
         if memory is None and (cache is None or cache.growing):
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
             k, v = self._split_heads(k), self._split_heads(v)
             if cache is not None:  # the newest positions see every cached key: a mask only hides padding
                 assert mask is None, "attention to a growing cache takes no mask"
                 k, v, mask = cache.append(k, v)
         else:
-            q = F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
+            q = linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
             k, v = (cache.k, cache.v) if cache is not None else self.project_memory(memory)
         q = self._split_heads(q)
         if cache is not None:
@@ -320,7 +321,7 @@ class MultiHeadAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the encoder output (B, S, E), each (B, H, S, D): computed once per sentence."""
         E = self.d_model
-        k, v = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
+        k, v = linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
         # Contiguous, so the matrix products of every decoding step read them as they are, without a copy.
         return self._split_heads(k).contiguous(), self._split_heads(v).contiguous()
 

@@ -121,6 +121,7 @@ class TrainConfig:
                                  "store them as the run's decode defaults")
     max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
 
+
 # The grid `mt train` (train.tune_decoding) and `mt tune` search for the decode section's beam and penalty.
 TUNE_BEAMS = (1, 4, 5, 8)
 TUNE_PENALTIES = (0.6, 1.0, 1.4)

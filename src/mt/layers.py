@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mt.attention import KVCache, MultiHeadAttention
+from mt.linear import Linear
 
 
 class SinusoidalPositions(nn.Module):
@@ -80,8 +81,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = Linear(d_model, d_ff)
+        self.linear2 = Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
         self.activation = F.gelu if activation == "gelu" else F.relu
 

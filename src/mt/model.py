@@ -17,6 +17,7 @@ from torch import nn
 from mt.attention import KVCache, moved_rows
 from mt.config import ModelConfig
 from mt.layers import DecoderLayer, Dropout, EncoderLayer, LayerNorm, SinusoidalPositions
+from mt.linear import linear
 from mt.masks import padding_mask
 from mt.tokenizer import PAD
 
@@ -112,9 +113,9 @@ class Transformer(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""
-        # F.linear, not `states @ weight.t()`: autocast converts the weight itself once and reuses that copy
+        # A linear product, not `states @ weight.t()`: autocast converts the weight itself once and reuses that copy
         # for every decoding step, where a transposed view would be converted again at each step.
-        return F.linear(states, self.embed.weight)
+        return linear(states, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N flat

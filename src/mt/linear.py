@@ -1,0 +1,51 @@
+"""Linear layers whose bf16 matrix products on the CPU come in few shapes.
+
+On the CPU torch runs a bf16 matrix product through oneDNN, which builds a kernel (a "primitive") for each
+shape of its operands, then keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (`mt/__init__.py`). Building
+one costs more than the product itself on AMX: translation batches give nearly every step new row counts,
+so nearly every product paid for a new kernel. `linear` pads the rows (all dimensions but the last, flattened)
+up to a multiple of 1/8 of their power of two, 128 rows for 1,024-2,047 of them, so that a training run's row
+counts fall into a few dozen shapes that stay cached. The padding is at most 1/8 of the rows, and it is
+free of effect: each row's result depends on that row alone, and the padded rows are dropped. Training on an
+AMX Xeon went from about 4,400 to 5,500 target tokens/s (scripts/bench_linear.py, BENCHMARKS.md).
+
+Elsewhere (CUDA, fp32 on the CPU, which runs through MKL) the product runs as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PADDED_ROWS = True  # scripts/bench_linear.py switches it off to time the plain products side by side
+
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 1/8 of its power of two (1 below 16 rows)."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, with the rows padded as the module says where the product runs in bf16 on the CPU."""
+    if not PADDED_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling() or not _bf16(x):
+        return F.linear(x, weight, bias)  # compiled, inductor lays out the products itself
+    rows = x.numel() // x.size(-1) if x.size(-1) else 0
+    if padded_rows(rows) == rows:
+        return F.linear(x, weight, bias)
+    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded_rows(rows) - rows))
+    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+
+
+def _bf16(x: torch.Tensor) -> bool:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and initialisation) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

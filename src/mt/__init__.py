@@ -5,8 +5,8 @@ import os
 # oneDNN, which runs torch's bf16 matrix products on the CPU, keeps a compiled kernel for each tensor shape it
 # has seen, up to 1024 of them. Translation batches changed shape every step, so that cache held over a
 # gigabyte of a training run's memory, and it was capped at 16 kernels. Since `mt.linear` pads the rows of
-# those products to a few dozen shapes, 256 kernels hold them: training 1.13x faster than with 16, for about
-# 340 MB more at 4 minutes (scripts/rss_watch.sh, BENCHMARKS.md "Memory").
+# those products to a few dozen shapes, 256 kernels hold them: training about 1.13x faster than with 16, for
+# about 340 MB more at 4 minutes (scripts/rss_watch.sh, BENCHMARKS.md "An AMX Xeon").
 # Set here, before torch's first matrix product; a value the user exported wins.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 

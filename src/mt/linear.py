@@ -7,7 +7,7 @@ so nearly every product paid for a new kernel. `linear` pads the rows (all dimen
 up to a multiple of 1/8 of their power of two, 128 rows for 1,024-2,047 of them, so that a training run's row
 counts fall into a few dozen shapes that stay cached. The padding is at most 1/8 of the rows, and it is
 free of effect: each row's result depends on that row alone, and the padded rows are dropped. On an
-AMX Xeon, `mt bench` trained at 3,879 before and 5,717 target tokens/s (BENCHMARKS.md, "An AMX Xeon").
+AMX Xeon, `mt bench` trained at 3,879 target tokens/s before and 5,717 after (BENCHMARKS.md, "An AMX Xeon").
 
 Elsewhere (CUDA, fp32 on the CPU, which runs through MKL) the product runs as it is.
 """

@@ -14,6 +14,8 @@ Elsewhere (CUDA, fp32 on the CPU, which runs through MKL) the product runs as it
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +33,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear`, with the rows padded as the module says where the product runs in bf16 on the CPU."""
     if not PADDED_ROWS or x.device.type != "cpu" or torch.compiler.is_compiling() or not _bf16(x):
         return F.linear(x, weight, bias)  # compiled, inductor lays out the products itself
-    rows = x.numel() // x.size(-1) if x.size(-1) else 0
-    if padded_rows(rows) == rows:
+    rows = math.prod(x.shape[:-1])
+    padded = padded_rows(rows)
+    if padded == rows:
         return F.linear(x, weight, bias)
-    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded_rows(rows) - rows))
+    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded - rows))
     return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
 
 

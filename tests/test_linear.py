@@ -39,6 +39,19 @@ def test_linear_is_f_linear_in_values_and_gradients(dtype):
         torch.testing.assert_close(a, b)
 
 
+def test_linear_without_gradients_is_f_linear():
+    """Decoding's path: no graph, the padded bf16 rows made directly."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 211, 64), torch.randn(96, 64), torch.randn(96)  # 1,055 rows -> 1,152
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, torchs = linear.linear(x, weight, bias), F.linear(x, weight, bias)
+    assert ours.shape == (5, 211, 96) and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, torchs)
+    with torch.no_grad():
+        torch.testing.assert_close(linear.linear(x.bfloat16(), weight.bfloat16()), F.linear(x.bfloat16(),
+                                                                                          weight.bfloat16()))
+
+
 def _rows_multiplied(model: Transformer, src: torch.Tensor, tgt: torch.Tensor) -> list[int]:
     rows, plain = [], F.linear
 

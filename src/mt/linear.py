@@ -37,8 +37,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     padded = padded_rows(rows)
     if padded == rows:
         return F.linear(x, weight, bias)
-    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded - rows))
-    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+    flat = x.reshape(rows, x.size(-1))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        out = _PaddedLinear.apply(flat, weight, bias, padded)
+    else:  # decoding: no graph to record
+        out = F.linear(_padded_bf16(flat, padded), weight, bias)[:rows]
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
+def _padded_bf16(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, E) bf16: `x` (n, E) on top, in bf16, and zeros below.
+
+    One pass: the copy also converts to bf16 (autocast would convert `x` in a pass of its own), and only the
+    padding is zeroed (`F.pad` fills the whole tensor, then copies `x` over it)."""
+    out = x.new_empty((rows, x.size(1)), dtype=torch.bfloat16)
+    out[: x.size(0)].copy_(x)
+    out[x.size(0) :].zero_()
+    return out
+
+
+class _PaddedLinear(torch.autograd.Function):
+    """x W^T + b in bf16 on `padded` rows, the first x.size(0) of them returned, and its gradients.
+
+    Autograd through `F.pad` and the slice did the same products, with three more passes over the rows: the
+    pad's fill, the slice's backward into zeros, and a copy of the pad's gradient. Here only the padding is
+    zeroed, once in each direction, and x's gradient is a view of the padded one.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padded: int) -> torch.Tensor:
+        x_padded = _padded_bf16(x, padded)
+        weight = weight.to(torch.bfloat16)
+        out = F.linear(x_padded, weight, None if bias is None else bias.to(torch.bfloat16))
+        ctx.save_for_backward(x_padded, weight)
+        ctx.has_bias = bias is not None
+        return out[: x.size(0)]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_padded, weight = ctx.saved_tensors
+        grad_padded = _padded_bf16(grad, x_padded.size(0))
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_x = (grad_padded @ weight)[: grad.size(0)] if need_x else None
+        grad_weight = grad_padded.t() @ x_padded if need_weight else None
+        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
 def _bf16(x: torch.Tensor) -> bool:

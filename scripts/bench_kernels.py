@@ -1,4 +1,4 @@
-"""Times the torch CPU kernels that decoding works around, beside the work-around, at decoding's shapes.
+"""Times the torch CPU kernels that mt works around, beside the work-around, at decoding's and training's shapes.
 
 1. softmax over rows of fewer than 16 entries (attention to a short prefix or source) against rows of 16,
    and against `mt.attention.softmax`, which writes those rows out;
@@ -8,7 +8,10 @@
 4. one decoding step's attention to a growing KV cache (`mt.attention.cached_attention`) with the cache stored
    head by head, (B, H, L, D) in memory, or step by step, (L, B, H, D) (`KVCache`), on one thread as each
    decoding stream runs. Every call reads another cache, as each layer does, so the keys come from memory,
-   not from the CPU's caches.
+   not from the CPU's caches;
+5. dropout of 4,096 x 256 units (a training batch's sublayer output), forward and backward, fp32 and bf16:
+   a mask of uniform floats compared to p (mt's dropout before `3201054`) against `mt.layers.Dropout`'s
+   16-bit random integers.
 
 Each figure is the fastest of 5 rounds. Usage: python scripts/bench_kernels.py
 """
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from mt import attention, search
+from mt import attention, layers, search
 
 
 def best_time(fn, calls: int = 50) -> float:
@@ -83,6 +86,20 @@ def main() -> None:
             us[name] = best_time(attend, calls=2 * caches) * 1e6
         print(f"{t:>4}  {us['head']:>12.0f}  {us['step']:>12.0f}  {us['head'] / us['step']:>4.2f}x")
     torch.set_num_threads(threads)
+
+    print("\n5. dropout 0.2 of 4,096 x 256 units, forward and backward (us)")
+    dropout = layers.Dropout(0.2)
+
+    def uniform_dropout(x, p=0.2):
+        return x * torch.rand(x.shape).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4096, 256, dtype=dtype, requires_grad=True)
+        grad = torch.ones_like(x)
+        us = {name: best_time(lambda f=f, x=x, grad=grad: f(x).backward(grad), calls=20) * 1e6
+              for name, f in (("uniform", uniform_dropout), ("16-bit", dropout))}
+        print(f"{str(dtype).removeprefix('torch.'):>8}: uniform floats {us['uniform']:.0f}, 16-bit integers "
+              f"{us['16-bit']:.0f}: {us['uniform'] / us['16-bit']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ step's time goes and what each lever buys.
 
 Levers, in order: the SDPA kernel (torch's choice, flash on the CPU, against the math kernel); dropout inside
 the feed-forward block (0.2 as in torch's layers, against mt's default 0.0); dropout's mask (`nn.Dropout`'s
-Bernoulli draws against `mt.layers.Dropout`'s uniform ones); the loss's backward pass (autograd through
+Bernoulli draws against `mt.layers.Dropout`'s 16-bit integer ones); the loss's backward pass (autograd through
 log-softmax, gather and sum, against `mt.train.SmoothedCrossEntropy`'s written-out softmax - q); AdamW
 (foreach against fused).
 
@@ -43,7 +43,7 @@ SETTINGS = [
     Setting("torch's defaults"),
     Setting("+ math SDPA kernel", flash=False),
     Setting("+ no feed-forward dropout", flash=False, ff_dropout=0.0),
-    Setting("+ uniform dropout masks", flash=False, ff_dropout=0.0, torch_dropout=False),
+    Setting("+ 16-bit dropout masks", flash=False, ff_dropout=0.0, torch_dropout=False),
     Setting("+ written-out loss backward", flash=False, ff_dropout=0.0, torch_dropout=False, autograd_loss=False),
     Setting("+ fused AdamW (= mt)", flash=False, ff_dropout=0.0, torch_dropout=False, autograd_loss=False,
             fused_adamw=True),

@@ -42,10 +42,11 @@ class Dropout(nn.Module):
     """Inverted dropout, as `nn.Dropout`, with its mask drawn from 16 random bits per unit on the CPU.
 
     On the CPU, `nn.Dropout`'s Bernoulli draws took 15% of a training step, and uniform floats compared to p
-    still 8% on an AMX Xeon. Random 64-bit integers, read as four 16-bit ones, are drawn about 4x faster than
-    as many floats: dropout's forward and backward passes over 4,096 x 256 units took 2.4 ms against 4.1 ms
-    (BENCHMARKS.md, "An AMX Xeon"). The drop probability is then p rounded to a multiple of 1/65,536
-    (0.2 -> 0.199997), and kept units are scaled by 1 / (1 - that), so the mean stays exact. Elsewhere
+    still 8% on an AMX Xeon. Random 64-bit integers, read as four 16-bit ones, are drawn faster than as many
+    floats: dropout's forward and backward passes over 4,096 x 256 units took 2.3 ms against 3.9 ms
+    (scripts/bench_kernels.py; BENCHMARKS.md, "An AMX Xeon, continued"). The drop probability is then p
+    rounded to a multiple of 1/65,536 (0.2 -> 0.199997), and kept units are scaled by 1 / (1 - that), so the
+    mean stays exact. Elsewhere
     `F.dropout` (fused) is used.
     """
 

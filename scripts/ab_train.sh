@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training speed of several commits side by side: `mt bench --no-decode --no-reference` of each commit in turn,
 # round after round, in one run, so that the machine's drift falls on all of them alike. Each commit is
-# checked out in a temporary worktree, with its own config file, and run with this checkout's virtualenv. Prints each run's roof,
-# target tokens/s, MFU and peak RSS, then each commit's mean tokens/s and its ratio to the first commit's.
+# checked out in a temporary worktree, with its own config file, and run with this checkout's virtualenv.
+# Prints each run's roof, target tokens/s, MFU and peak RSS, then each commit's mean tokens/s and its ratio
+# to the first commit's.
 #
 # Usage: MT_DATA_PATH=../shared/data scripts/ab_train.sh [--rounds 2] [--seconds 30] [--run RUN]
 #            [--config configs/multi30k.yaml] REV [REV ...]

@@ -46,8 +46,7 @@ class Dropout(nn.Module):
     floats: dropout's forward and backward passes over 4,096 x 256 units took 2.3 ms against 3.9 ms
     (scripts/bench_kernels.py; BENCHMARKS.md, "An AMX Xeon, continued"). The drop probability is then p
     rounded to a multiple of 1/65,536 (0.2 -> 0.199997), and kept units are scaled by 1 / (1 - that), so the
-    mean stays exact. Elsewhere
-    `F.dropout` (fused) is used.
+    mean stays exact. Elsewhere `F.dropout` (fused) is used.
     """
 
     LEVELS = 1 << 16

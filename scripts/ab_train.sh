@@ -23,6 +23,10 @@ done
 ((${#revs[@]})) || { echo "usage: $0 [--rounds N] [--seconds S] [--run RUN] [--config C] REV [REV ...]" >&2; exit 2; }
 
 root=$(git rev-parse --show-toplevel)
+for rev in "${revs[@]}"; do
+  git -C "$root" rev-parse --verify --quiet "$rev^{commit}" >/dev/null \
+    || { echo "$0: $rev is not a commit of $root" >&2; exit 2; }
+done
 work=$(mktemp -d)
 trap 'for d in "$work"/*/; do git -C "$root" worktree remove --force "$d" >/dev/null 2>&1 || true; done; rm -rf "$work"' EXIT
 if [[ -n ${MT_DATA_PATH:-} ]]; then  # the runs start in the worktrees: make relative folders absolute

@@ -1,131 +1,80 @@
-"""Times one training step of the default model under torch's defaults, then adds mt's CPU levers one at a
-time, side by side in one process, and prints torch.profiler tables of the first and the last: where a
-step's time goes and what each lever buys.
+"""Where a training step's time goes: times one update of the config's model with mt's fast paths on and off
+(mt.fastpaths), side by side in one process, then prints torch.profiler's table of the operators that took
+the most time.
 
-Levers, in order: the SDPA kernel (torch's choice, flash on the CPU, against the math kernel); dropout inside
-the feed-forward block (0.2 as in torch's layers, against mt's default 0.0); dropout's mask (`nn.Dropout`'s
-Bernoulli draws against `mt.layers.Dropout`'s 16-bit integer ones); the loss's backward pass (autograd through
-log-softmax, gather and sum, against `mt.train.SmoothedCrossEntropy`'s written-out softmax - q); AdamW
-(foreach against fused).
+The batch is random token ids of typical sentence lengths, so no corpus is read. The step is `mt train`'s:
+the config's precision (`train.precision`, autocast where it is bf16), label-smoothed loss, gradient
+clipping and fused AdamW.
 
-Usage: python scripts/profile_step.py [--sentences 120] [--steps 8]
+Usage: python scripts/profile_step.py [--config configs/multi30k.yaml] [--sentences 120] [--steps 8]
+           [--rows 12]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from dataclasses import dataclass, replace
-from unittest import mock
 
 import torch
-from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
-from mt import layers
-from mt.config import Config
+from mt import fastpaths
+from mt.config import load_config
 from mt.data import collate
+from mt.devices import autocast, autocast_dtype, resolve_device
 from mt.model import Transformer
 from mt.train import loss_fn
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    flash: bool = True
-    ff_dropout: float = 0.2
-    torch_dropout: bool = True
-    autograd_loss: bool = True
-    fused_adamw: bool = False
-
-
-SETTINGS = [
-    Setting("torch's defaults"),
-    Setting("+ math SDPA kernel", flash=False),
-    Setting("+ no feed-forward dropout", flash=False, ff_dropout=0.0),
-    Setting("+ 16-bit dropout masks", flash=False, ff_dropout=0.0, torch_dropout=False),
-    Setting("+ written-out loss backward", flash=False, ff_dropout=0.0, torch_dropout=False, autograd_loss=False),
-    Setting("+ fused AdamW (= mt)", flash=False, ff_dropout=0.0, torch_dropout=False, autograd_loss=False,
-            fused_adamw=True),
-]
-
-
-def autograd_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
-    """The loss as autograd differentiates it: log-softmax, gather, sum (mt's loss before the written-out
-    backward)."""
-    log_probs = logits.float().log_softmax(dim=-1)
-    nll = -log_probs.gather(1, target[:, None]).sum()
-    return (1.0 - smoothing) * nll - smoothing * log_probs.mean(dim=-1).sum(), nll.detach()
-
-
-def build(setting: Setting) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(replace(Config().model, activation_dropout=setting.ff_dropout), 8000)
-    if setting.torch_dropout:
-        for module in list(model.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, layers.Dropout):
-                    setattr(module, name, nn.Dropout(child.p))
-    return model
-
-
-def patches(setting: Setting) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    if setting.flash:  # loss_fn picks the kernel through mt.train.fast_kernels: replace it by "no preference"
-        stack.enter_context(mock.patch("mt.train.fast_kernels", lambda device, first="auto": contextlib.nullcontext()))
-    if setting.autograd_loss:
-        stack.enter_context(mock.patch("mt.train.SmoothedCrossEntropy.apply", autograd_cross_entropy))
-    return stack
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: the built-in one)")
     parser.add_argument("--sentences", type=int, default=120)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=12, help="operators in the profile table")
     args = parser.parse_args()
+    config = load_config(args.config)
+    device = resolve_device(config)
+    amp = autocast_dtype(config.train.precision, device)
+    vocab = config.tokenizer.vocab_size
     torch.manual_seed(0)
-    src = torch.randint(4, 8000, (args.sentences, 17)).tolist()
-    tgt = torch.randint(4, 8000, (args.sentences, 15)).tolist()
-    batch = collate(src, tgt)
-    print(f"one training step: {args.sentences} sentences of 17 -> 15 tokens, bf16 autocast, "
-          f"{torch.get_num_threads()} threads, mean of {args.steps} steps after 3 warm-up steps\n")
-    first = previous = None
-    for setting in SETTINGS:
-        model = build(setting)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=setting.fused_adamw)
+    src = torch.randint(4, vocab, (args.sentences, 17)).tolist()
+    tgt = torch.randint(4, vocab, (args.sentences, 15)).tolist()
+    batch = collate(src, tgt).to(device)
+    model = Transformer(config.model, vocab).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-        def step(model=model, optimizer=optimizer):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = loss_fn(model, batch, 0.1)
-            (loss / batch.target_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
+    def step() -> None:
+        with autocast(device, amp):
+            loss, _ = loss_fn(model, batch, config.train.label_smoothing)
+        (loss / batch.target_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-        with patches(setting):
-            for _ in range(3):
-                step()
+    print(f"one update: {args.sentences} sentences of 17 -> 15 tokens, {'bf16 autocast' if amp else 'fp32'}, "
+          f"{device}, {torch.get_num_threads()} threads; best of 3 rounds of {args.steps} steps each")
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(3):  # the two settings alternate, so that both see the machine in the same states
+        for enabled in (True, False):
+            fastpaths.ENABLED = enabled
+            step()  # warm-up
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            seconds = (time.perf_counter() - start) / args.steps
-        first, gain = first or seconds, "" if previous is None else f"  {previous / seconds:.2f}× the row above"
-        print(f"{setting.name:<30} {seconds * 1000:5.0f} ms/step, {batch.target_tokens / seconds:6.0f} target "
-              f"tokens/s{gain}")
-        previous = seconds
-    print(f"mt ÷ torch's defaults: {first / previous:.2f}×")
-
-    from torch.profiler import ProfilerActivity, profile
-
-    for setting in (SETTINGS[0], SETTINGS[-1]):
-        model = build(setting)
-        with patches(setting), profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss, _ = loss_fn(model, batch, 0.1)
-                (loss / batch.target_tokens).backward()
-        print(f"\nprofile of 3 forward + backward passes, {setting.name}:")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+            best[enabled] = min(best[enabled], (time.perf_counter() - start) / args.steps)
+    for enabled in (True, False):
+        print(f"fast paths {'on ' if enabled else 'off'}: {best[enabled] * 1000:6.1f} ms/step, "
+              f"{batch.target_tokens / best[enabled]:7.0f} target tokens/s")
+    print(f"on ÷ off: {best[False] / best[True]:.3f}×")
+    fastpaths.ENABLED = True
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as p:
+        for _ in range(3):
+            step()
+    print("\nprofile of 3 updates, fast paths on:")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

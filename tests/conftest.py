@@ -1,7 +1,14 @@
-"""Shared fixtures: the real data (MT_DATA_PATH) and small corpora written by the tests themselves."""
+"""Shared fixtures: the real data (MT_DATA_PATH), one tiny trained run, and small corpora written by the tests.
+
+Tiers: a test that trains a model, starts `mt` in another process or times something is marked `slow`,
+explicitly or by asking for a fixture that trains (`tiny_run`, `in_tmp`); `pytest -m "not slow"` runs the
+rest in under a minute.
+"""
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +26,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(HF_CACHE, ignore_errors=True)
 
 
+TRAINING_FIXTURES = {"tiny_run", "trained", "in_tmp"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_path() -> Path:
     """The folder holding multi30k/ (from MT_DATA_PATH, or ../shared/data beside the repo).
@@ -34,6 +50,19 @@ def data_path() -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_path) -> Path:
+    """A folder holding runs/tiny/, a model trained by `mt train --config configs/tiny.yaml` in another process,
+    once per test session: for every test that only needs a trained model. Tests must not change it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    result = subprocess.run(
+        [sys.executable, "-m", "mt", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--quiet"],
+        cwd=folder, env={**os.environ, "MT_DATA_PATH": str(data_path)}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return folder
 
 
 @pytest.fixture

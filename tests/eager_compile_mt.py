@@ -18,5 +18,5 @@ def _count_graphs() -> None:
     Path(f"graphs.{os.environ.get('RANK', '0')}").write_text(f"{graphs}\n")
 
 
-torch.compile = functools.partial(torch.compile, backend="eager")  # looked up by mt.train when it compiles
+torch.compile = functools.partial(torch.compile, backend="eager")  # looked up by mt.fastpaths when it compiles
 main()

@@ -1,6 +1,5 @@
 """The command line, end to end on a slice of real Multi30k, and its one-line errors."""
 
-import contextlib
 import json
 import os
 import re
@@ -27,16 +26,11 @@ def run(*args, input=None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_path):
-    """A tiny model trained through `mt train` (module scope: the tests below share it)."""
-    folder = tmp_path_factory.mktemp("e2e")
-    result = subprocess.run(
-        [sys.executable, "-m", "mt", "train", "--config", TINY, "--quiet"],
-        cwd=folder, env={**__import__("os").environ, "MT_DATA_PATH": str(data_path)},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+@pytest.fixture
+def trained(tiny_run, tmp_path):
+    """A copy of the session's tiny run (conftest.tiny_run), which a test may change."""
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_run, folder, symlinks=True)
     return folder
 
 
@@ -122,7 +116,7 @@ def test_a_full_disk_while_tokenizing_names_the_folder(in_tmp, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as Arrow's writer raises it: no file named
 
-    monkeypatch.setattr("mt.train.tokenize", no_space)
+    monkeypatch.setattr("mt.data.tokenize", no_space)
     one_line_error(run("train", "--config", TINY), r"cannot write the tokenized data to runs/tiny/cache/: "
                                                    r"No space left on device")
 
@@ -175,7 +169,7 @@ def test_run_name_must_be_a_folder_name(tmp_path, monkeypatch, name):
 
 def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in_tmp, monkeypatch):
     with monkeypatch.context() as patch:  # a typo in data.valid fails before the training data is read
-        patch.setattr("mt.train.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
+        patch.setattr("mt.data.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
         one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"),
                        r"data\.valid: corpus file not found: nope\.fr")
     assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left: no checkpoint
@@ -190,14 +184,14 @@ def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in
 
 
 def test_a_test_set_typo_fails_before_training_and_no_test_set_is_downloaded(in_tmp, monkeypatch):
-    monkeypatch.setattr("mt.train.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
+    monkeypatch.setattr("mt.data.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
     monkeypatch.setattr("mt.corpora.download", lambda *a, **k: pytest.fail("downloaded a test set"))
     one_line_error(run("train", "--config", TINY, "--set", "data.test=multi30k:test_2061_flickr"),
                    r"data\.test: corpus multi30k:test_2061_flickr not found .*known splits of multi30k")
     one_line_error(run("train", "--config", TINY, "--set", "data.test={src: nope.fr, tgt: nope.en}", "--overwrite"),
                    r"data\.test: corpus file not found: nope\.fr")
     monkeypatch.setenv("MT_DATA_PATH", str(in_tmp))  # multi30k nowhere: its test set is mt eval's to download
-    monkeypatch.setattr("mt.train.load_corpus", Mock(side_effect=DataError("reached the training data")))
+    monkeypatch.setattr("mt.data.load_corpus", Mock(side_effect=DataError("reached the training data")))
     src, tgt = write_pair(in_tmp, "pairs", ["Un chat."], ["A cat."])
     pair = f"{{src: {src}, tgt: {tgt}}}"
     one_line_error(run("train", "--config", TINY, "--set", f"data.train={pair}", "--set", f"data.valid={pair}",
@@ -594,7 +588,7 @@ def test_empty_input_and_crlf_lines_translate(trained, monkeypatch):
 
 
 def test_a_reader_that_stops_early_ends_translation_quietly(trained, tmp_path):
-    lines = "".join(f"Un homme numéro {i} marche dans la rue avec son chien.\n" for i in range(3000))
+    lines = "".join(f"Un homme numéro {i} marche dans la rue avec son chien.\n" for i in range(400))
     (tmp_path / "many.fr").write_text(lines, encoding="utf-8")
     process = subprocess.Popen([sys.executable, "-m", "mt", "translate", "--beam", "1", "--input",
                                 str(tmp_path / "many.fr")], cwd=trained, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -659,24 +653,19 @@ def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):
     assert "fastest of 2 alternating rounds" in result.stdout
 
 
-def test_bench_no_decode_measures_training_alone(trained, monkeypatch, data_path):
-    monkeypatch.chdir(trained)
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode",
-                 "--set", "train.batch_tokens=2000")
-    assert result.exit_code == 0, result.output
-    assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
-    assert "greedy" not in result.stdout and "decoding" not in result.stdout
-
-
-def test_bench_no_reference_compares_settings_of_our_model_alone(trained, monkeypatch, data_path):
+def test_bench_no_decode_no_reference_plain_measures_the_plain_paths_of_our_model_alone(trained, monkeypatch,
+                                                                                        data_path):
     monkeypatch.chdir(trained)
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))
     result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode", "--no-reference",
-                 "--set", "train.attention=flash")
+                 "--plain", "--set", "train.batch_tokens=2000")
     assert result.exit_code == 0, result.output
-    assert "train ours: MFU" in result.stdout and "flash attention first" in result.stdout
-    assert "nn.Transformer" not in result.stdout
+    assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
+    assert "fast paths off (--plain)" in result.stdout
+    assert "greedy" not in result.stdout and "decoding" not in result.stdout and "nn.Transformer" not in result.stdout
+    from mt import fastpaths
+
+    assert fastpaths.ENABLED  # back on for the rest of the process
 
 
 def test_bench_stopped_by_sigterm_prints_the_rows_measured_so_far(trained, monkeypatch, data_path):
@@ -705,30 +694,6 @@ def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch,
     assert "train ours: MFU" in result.stdout
     assert re.search(r"out of cpu memory with random batches of \d+ sentences: not compared", result.stdout)
     assert "ours ÷ nn.Transformer" not in result.stdout
-
-
-def test_bench_trains_the_bf16_copy_with_bf16_weights(trained, monkeypatch, data_path):
-    monkeypatch.chdir(trained)
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode",
-                 "--set", "train.precision=bf16-weights")
-    assert result.exit_code == 0, result.output
-    assert "bf16 weights, fp32 master weights" in result.stdout and "train ours: MFU" in result.stdout
-
-
-def test_efficient_attention_first_on_a_torch_that_cannot_order_kernels_fails_before_training(
-        tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    from mt import attention
-
-    monkeypatch.setattr("mt.attention.sdpa_kernel", lambda backends: contextlib.nullcontext())  # no set_priority
-    attention._sdpa_kernel_orders.cache_clear()  # asked once per process: ask this stand-in
-    try:
-        result = run("train", "--config", TINY, "--set", "train.attention=efficient")
-    finally:
-        attention._sdpa_kernel_orders.cache_clear()
-    one_line_error(result, r"train.attention: efficient needs a newer torch than .*; use flash or math")
-    assert not (tmp_path / "runs").exists()
 
 
 def test_roof_is_timed_at_least_once_and_at_a_size_a_slow_cpu_multiplies_in_time(monkeypatch):

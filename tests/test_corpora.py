@@ -104,8 +104,7 @@ def test_dataset_saved_to_disk_is_a_corpus(tmp_path, monkeypatch):
     import datasets
 
     from mt.config import load_config
-    from mt.data import read_corpus
-    from mt.train import prepare_data
+    from mt.data import prepare_data, read_corpus
 
     monkeypatch.chdir(tmp_path)
     pairs = [{"fr": f"Le chat numéro {i} dort.", "en": f"Cat number {i} sleeps."} for i in range(60)]

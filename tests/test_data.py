@@ -213,7 +213,7 @@ def test_corpus_lists_with_repeats():
 
 def test_mixture_is_cleaned_per_corpus_then_repeated(tmp_path, monkeypatch):
     from mt.config import load_config
-    from mt.train import prepare_data
+    from mt.data import prepare_data
 
     monkeypatch.chdir(tmp_path)
     lines = [f"phrase numéro {i} ici" for i in range(40)]

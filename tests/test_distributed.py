@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import torch
 
 from conftest import ROOT
 from mt import checkpoint
+
+pytestmark = pytest.mark.slow
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train.valid_sentences=10",
@@ -37,61 +40,64 @@ def losses(run_dir):
             if "train_loss" in r]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-@pytest.mark.parametrize("precision", ["auto", "bf16-weights"])
-def test_two_ranks_equal_one_rank_accumulating_two_batches(tmp_path, data_path, monkeypatch, precision):
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2",
-                      f"train.precision={precision}")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
-    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1", f"train.precision={precision}")
-    assert losses(single) == pytest.approx(losses(double), rel=1e-4)
-    a, b = (checkpoint.load(run / "last.pt") for run in (single, double))
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, data_path):
+    """A run of one process accumulating 2 batches per update, which 2 ranks of one batch each must equal."""
+    folder = tmp_path_factory.mktemp("one")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MT_DATA_PATH", str(data_path))
+        return mt_train(folder, [sys.executable, "-m", "mt"], "train.accumulate=2")
+
+
+def a_copy(run_dir, tmp_path):
+    """A folder holding a copy of `run_dir` as runs/tiny, for a test that changes it."""
+    shutil.copytree(run_dir, tmp_path / "runs" / "tiny")
+    return tmp_path
+
+
+def assert_same_training(one, two):
+    assert losses(one) == pytest.approx(losses(two), rel=1e-4)
+    a, b = (checkpoint.load(run / "last.pt") for run in (one, two))
     assert a["progress"]["step"] == b["progress"]["step"] == 8
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)
-    log = (double / "train.log").read_text()
-    assert "distributed: 2 ranks × 1 accumulated batches" in log
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_two_ranks_with_compiled_layers_equal_one_rank_uncompiled(tmp_path, data_path, monkeypatch):
-    # DDP over the compiled layers (`mt.train.compiled`): each rank's gradients reach the other's update.
+@needs_distributed
+def test_two_ranks_equal_one_rank_accumulating_two_batches(one_rank, tmp_path, data_path, monkeypatch):
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    single = mt_train(tmp_path / "one", [sys.executable, "-m", "mt"], "train.accumulate=2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(ROOT / "tests" / "eager_compile_mt.py")]
-    double = mt_train(tmp_path / "two", torchrun, "train.accumulate=1", "train.compile=true")
+    two = mt_train(tmp_path, [*TORCHRUN, "-m", "mt"], "train.accumulate=1")
+    assert_same_training(one_rank, two)
+    assert "distributed: 2 ranks × 1 accumulated batches" in (two / "train.log").read_text()
+
+
+@needs_distributed
+def test_resuming_on_more_processes_with_compiled_layers(one_rank, tmp_path, data_path, monkeypatch):
+    """A resume under torchrun says what an update becomes; with train.compile, DDP wraps the compiled layers
+    (`mt.fastpaths.compiled`, whose graphs tests/test_fastpaths.py checks against the eager layers)."""
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    folder = a_copy(one_rank, tmp_path)
+    run_dir = mt_train(folder, [*TORCHRUN, str(ROOT / "tests" / "eager_compile_mt.py")], "train.max_steps=10",
+                       "train.accumulate=2", "train.compile=true", resume=True)
     # Each rank traced one encoder layer graph and one decoder layer graph.
-    assert [(tmp_path / "two" / f"graphs.{rank}").read_text() for rank in (0, 1)] == ["2\n", "2\n"]
-    assert losses(single) == pytest.approx(losses(double), rel=1e-4)
-    a, b = (checkpoint.load(run / "last.pt") for run in (single, double))
-    for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_resuming_on_more_processes_says_what_an_update_becomes(tmp_path, data_path, monkeypatch):
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    run_dir = mt_train(tmp_path, [sys.executable, "-m", "mt"], "train.max_steps=4")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
-    mt_train(tmp_path, torchrun, "train.max_steps=6", resume=True)
+    assert [(folder / f"graphs.{rank}").read_text() for rank in (0, 1)] == ["2\n", "2\n"]
     assert checkpoint.load(run_dir / "last.pt")["progress"]["ranks"] == 2
-    assert ("the run trained on 1 process(es) and goes on with 2: an update now takes 2 batches of 600 tokens "
-            "instead of 1") in (run_dir / "train.log").read_text()
+    assert [r["step"] for r in map(json.loads, (run_dir / checkpoint.METRICS).read_text().splitlines())
+            if "train_loss" in r][-1] == 10
+    assert ("the run trained on 1 process(es) and goes on with 2: an update now takes 4 batches of 600 tokens "
+            "instead of 2") in (run_dir / "train.log").read_text()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_a_start_refused_under_torchrun_ends_every_rank_cleanly(tmp_path, data_path, monkeypatch):
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    mt_train(tmp_path, [sys.executable, "-m", "mt"], "train.max_steps=2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mt"]
-    result = subprocess.run([*torchrun, "train", "--config", TINY, "--quiet"], cwd=tmp_path,  # the run exists
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},
+@needs_distributed
+def test_a_start_refused_under_torchrun_ends_every_rank_cleanly(one_rank, tmp_path, data_path):
+    folder = a_copy(one_rank, tmp_path)
+    result = subprocess.run([*TORCHRUN, "-m", "mt", "train", "--config", TINY, "--quiet"], cwd=folder,  # it exists
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(folder),
+                                 "MT_DATA_PATH": str(data_path)},
                             capture_output=True, text=True, timeout=300)
     assert result.stderr.count("error: run folder") == 2, result.stderr[-3000:]  # each rank's one line
     assert "terminate called" not in result.stderr  # a rank left in the process group aborted at exit

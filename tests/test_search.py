@@ -20,7 +20,6 @@ from mt.search import (
     encode,
     greedy_search,
     stable_slots,
-    top_n,
 )
 from mt.tokenizer import BOS, EOS, PAD
 from mt.translate import length_sorted_batches, translate_ids
@@ -151,9 +150,9 @@ def test_encoding_in_chunks_cut_to_their_length_equals_encoding_the_batch(model_
     torch.testing.assert_close(chunked[real], whole[real])
 
 
-def test_vocabulary_passes_in_blocks_equal_one_pass_over_the_batch():
+def test_extensions_are_ranked_over_every_beam_of_a_sentence():
     torch.manual_seed(1)
-    logits, scores = torch.randn(37 * 5, V), torch.randn(37, 5)  # 185 rows: several blocks on the CPU
+    logits, scores = torch.randn(37 * 5, V), torch.randn(37, 5)
     top_scores, top_index = best_extensions(logits.view(37, 5, V), scores, 10)
     candidates = (logits.log_softmax(dim=-1).view(37, 5, V) + scores[:, :, None]).view(37, 5 * V)
     expected = candidates.topk(10, dim=1)
@@ -181,21 +180,6 @@ def test_stable_slots_keep_one_extension_in_each_parents_slot():
     for row, slots in zip(parents.tolist(), placed.tolist(), strict=True):
         stay = sum(p == s for s, p in enumerate(slots))
         assert stay == len(set(row))  # as many stay as there are distinct parents: the most possible
-
-
-@pytest.mark.parametrize("width", [8000 * 5, 8000 * 5 + 37, 2000])  # chunks fill the row or not; too narrow
-def test_top_n_from_chunk_maxima_equals_topk(width):
-    torch.manual_seed(0)
-    x = torch.randn(16, width)  # distinct values: no ties to break
-    x[3] = float("-inf")  # a row of beams that have not started but one entry
-    x[3, width - 1] = 0.0
-    x[5, : width // 2] = float("-inf")
-    values, index = top_n(x, 10)
-    expected = x.topk(10, dim=1)
-    assert torch.equal(values, expected.values)
-    finite = values.isfinite()
-    assert torch.equal(index[finite], expected.indices[finite])  # -inf entries tie: any index of one will do
-    assert index.max() < width
 
 
 def test_batches_decoded_in_parallel_streams_equal_one_at_a_time(model_and_src, monkeypatch):
@@ -237,16 +221,3 @@ def test_an_error_in_a_decoding_stream_reaches_the_caller(model_and_src, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-
-
-def test_off_the_cpu_one_step_of_beam_search_takes_every_sentence_in_one_block(monkeypatch):
-    import mt.search
-
-    calls, real = [], mt.search.top_n
-    monkeypatch.setattr(mt.search, "top_n", lambda x, n: calls.append(x.shape) or real(x, n))
-    G, k, V = 100, 5, 50
-    values, _ = mt.search.best_extensions(torch.empty(G, k, V, device="meta"), torch.empty(G, k, device="meta"), 2 * k)
-    assert values.shape == (G, 2 * k) and calls == [(G, k * V)]  # a GPU: one pass, not one per k sentences' worth
-    calls.clear()
-    mt.search.best_extensions(torch.zeros(G, k, V), torch.zeros(G, k), 2 * k)
-    assert len(calls) == 7  # the CPU: blocks of 80 rows (16 sentences), whose log-probabilities stay in its cache

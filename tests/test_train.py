@@ -11,9 +11,8 @@ from conftest import ROOT
 from mt import checkpoint
 from mt.config import load_config
 from mt.data import LAYOUTS, Layout, collate
-from mt.devices import MasterWeights
 from mt.model import Transformer
-from mt.train import Trainer, compiled, inverse_sqrt_schedule, loss_fn, train
+from mt.train import Trainer, inverse_sqrt_schedule, loss_fn, train
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -38,18 +37,6 @@ def test_loss_ignores_padding():
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / checkpoint.METRICS).read_text().splitlines()]
-
-
-def test_resume_continues_where_the_run_stopped(in_tmp):
-    config = load_config(TINY, ["train.max_steps=20", "train.valid_every=10", "train.log_every=5"])
-    run_dir = train(config, show_progress=False)
-    first = checkpoint.load(run_dir / checkpoint.LAST)
-    assert first["progress"]["step"] == 20
-    longer = load_config(TINY, ["train.max_steps=30", "train.valid_every=10", "train.log_every=5"])
-    train(longer, resume=True, show_progress=False)
-    resumed = checkpoint.load(run_dir / checkpoint.LAST)
-    assert resumed["progress"]["step"] == 30
-    assert [r["step"] for r in metrics(run_dir) if "valid_bleu" in r] == [10, 20, 30]
 
 
 def test_logged_loss_covers_every_step_since_the_last_log_also_across_a_validation(in_tmp, monkeypatch):
@@ -118,10 +105,16 @@ def short(name: str, steps: int) -> list[str]:
 
 
 def test_resumed_run_ends_identical_to_a_straight_run(in_tmp):
+    """Resume against straight through: the same losses, validations and weights; and the same config and seed
+    give the same tokenizer and losses."""
     straight = train(load_config(TINY, short("straight", 20)), show_progress=False)
     split = train(load_config(TINY, short("split", 10)), show_progress=False)
+    assert checkpoint.load(split / checkpoint.LAST)["progress"]["step"] == 10
     train(load_config(TINY, short("split", 20)), resume=True, show_progress=False)
+    assert checkpoint.load(split / checkpoint.LAST)["progress"]["step"] == 20
     assert checkpoint.load(straight / "last.pt")["progress"]["epoch"] >= 2
+    assert (straight / "tokenizer.model").read_bytes() == (split / "tokenizer.model").read_bytes()
+    assert [r["step"] for r in metrics(split) if "valid_bleu" in r] == [10, 20]
     losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (straight, split)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     a, b = (checkpoint.load(run / "last.pt")["model"] for run in (straight, split))
@@ -146,13 +139,6 @@ def test_a_resumed_run_keeps_the_batch_layout_it_started_with(in_tmp, monkeypatc
     train(load_config(TINY, short("layout", 12)), resume=True, show_progress=False)
     assert "does not say how its batches were cut" in caplog.text
     assert checkpoint.load(run_dir / checkpoint.LAST)["progress"]["batch_layout"] != ""
-
-
-def test_same_config_and_seed_give_the_same_losses(in_tmp):
-    runs = [train(load_config(TINY, short(name, 10)), show_progress=False) for name in ("one", "two")]
-    assert (runs[0] / "tokenizer.model").read_bytes() == (runs[1] / "tokenizer.model").read_bytes()
-    losses = [[r.get("train_loss") for r in metrics(run) if "train_loss" in r] for run in runs]
-    assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
 def test_tokenized_data_stays_in_the_run_until_it_finishes(in_tmp, monkeypatch):
@@ -239,27 +225,6 @@ def test_loss_is_torch_label_smoothed_cross_entropy():
                                                     ignore_index=0, reduction="sum"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_smoothed_cross_entropy_gradient_is_torchs(dtype):
-    import torch.nn.functional as F
-
-    from mt.train import SmoothedCrossEntropy
-
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(7, 30)).to(dtype).requires_grad_()
-    target = torch.randint(0, 30, (7,))
-    loss, nll = SmoothedCrossEntropy.apply(logits, target, 0.1)
-    (2.5 * loss).backward()
-    reference = logits.detach().float().requires_grad_()
-    expected = F.cross_entropy(reference, target, label_smoothing=0.1, reduction="sum")
-    (2.5 * expected).backward()
-    torch.testing.assert_close(loss, expected)
-    assert logits.grad.dtype == dtype
-    tolerance = {} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.02}
-    torch.testing.assert_close(logits.grad.float(), reference.grad, **tolerance)
-    assert not nll.requires_grad
-
-
 def test_tensorboard_logging(in_tmp, monkeypatch):
     import sys
     import types
@@ -291,28 +256,14 @@ def test_tensorboard_logging(in_tmp, monkeypatch):
         train(load_config(TINY, [*short("board2", 10), "train.tensorboard=true"]), show_progress=False)
 
 
-def test_train_attention_reaches_every_training_and_validation_step(in_tmp, monkeypatch):
-    import mt.train
-
-    asked, real = [], mt.train.fast_kernels
-
-    def fast_kernels(device, first="auto"):
-        asked.append(first)
-        return real(device, first)
-
-    monkeypatch.setattr(mt.train, "fast_kernels", fast_kernels)
-    train(load_config(TINY, [*short("kernels", 10), "train.attention=efficient"]), show_progress=False)
-    assert len(asked) > 10 and set(asked) == {"efficient"}  # 10 steps and the validation batches
-
-
 def poison_training_steps(monkeypatch, steps):
     """Makes the loss NaN at these training steps (1-based; validation passes are left alone)."""
     import mt.train
 
     real_loss, calls = mt.train.loss_fn, {"n": 0}
 
-    def loss_fn(model, batch, smoothing, attention="auto"):
-        loss, nll = real_loss(model, batch, smoothing, attention)
+    def loss_fn(model, batch, smoothing):
+        loss, nll = real_loss(model, batch, smoothing)
         if not model.training:
             return loss, nll
         calls["n"] += 1
@@ -321,11 +272,10 @@ def poison_training_steps(monkeypatch, steps):
     monkeypatch.setattr(mt.train, "loss_fn", loss_fn)
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16-weights"])
-def test_nonfinite_updates_are_skipped_and_training_goes_on(in_tmp, monkeypatch, caplog, precision):
+def test_nonfinite_updates_are_skipped_and_training_goes_on(in_tmp, monkeypatch, caplog):
     poison_training_steps(monkeypatch, {6, 7, 8})
     config = load_config(TINY, ["name=nan", "train.max_steps=12", "train.valid_every=6", "train.log_every=2",
-                                "train.max_nonfinite=4", "data.max_pairs=300", f"train.precision={precision}"])
+                                "train.max_nonfinite=4", "data.max_pairs=300"])
     run_dir = train(config, show_progress=False)
     # Reported at the logging steps 6 and 8: the NaN of step 6, then those of steps 7 and 8.
     assert "1 update(s) skipped for a non-finite gradient by step 6" in caplog.text
@@ -348,33 +298,6 @@ def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
         train(config, show_progress=False)
 
 
-@pytest.mark.parametrize("bf16_weights", [False, True])
-def test_training_forward_compiles_one_graph_per_kind_of_layer_for_every_batch_shape(bf16_weights):
-    torch.manual_seed(0)
-    layers = ["model.encoder_layers=3", "model.decoder_layers=3"]
-    model = Transformer(load_config(TINY, layers).model, 30).eval()  # eval: no dropout, so both passes match
-    if bf16_weights:  # the bf16 copy that train.precision: bf16-weights trains
-        model = MasterWeights(model).work
-    # backend "eager": dynamo's tracing without inductor's code generation, which takes a minute on a CPU.
-    # fullgraph: a graph break would fail here rather than silently split a compiled layer.
-    net = compiled(model, backend="eager", fullgraph=True)
-    torch._dynamo.reset()
-    counts = torch._dynamo.utils.counters
-    counts.clear()
-    # The first batch's source and target are equally long (4 positions each, BOS and EOS included): the
-    # graph traced from it must not take that for a rule of every batch.
-    for src, tgt in (([[5, 6, 7], [8, 9]], [[4, 5, 6], [6, 7]]), ([[5, 6, 7], [8, 9]], [[4, 5], [6, 7, 8, 9]]),
-                     ([[5, 6, 7, 8, 9, 10]] * 3, [[4, 5, 6]] * 3), ([[5, 6]] * 5, [[7, 8, 9, 10, 11]] * 5)):
-        batch = collate(src, tgt)
-        torch.testing.assert_close(loss_fn(net, batch, 0.1), loss_fn(model, batch, 0.1))
-    # One graph for the 3 encoder layers and one for the 3 decoder layers, and no recompilation per shape
-    # (dynamic shapes; a batch of one sentence would get graphs of its own).
-    assert counts["stats"]["unique_graphs"] == 2
-    # The model itself stays eager: validation and decoding run it.
-    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
-    assert [p.data_ptr() for p in net.parameters()] == [p.data_ptr() for p in model.parameters()]
-
-
 def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
     made, compile_ = [], torch.compile
 
@@ -391,7 +314,7 @@ def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
         made.append((type(model).__name__, options, Counted(compile_(model, backend="eager", **options))))
         return made[-1][-1]
 
-    monkeypatch.setattr("mt.train.torch.compile", eager_compile)
+    monkeypatch.setattr("mt.fastpaths.torch.compile", eager_compile)
     run = train(load_config(TINY, short("compiled", 10) + ["train.compile=true"]), show_progress=False)
     assert [(kind, options) for kind, options, _ in made] == [("EncoderLayer", {"dynamic": True})] * 2 + [
         ("DecoderLayer", {"dynamic": True})] * 2
@@ -401,86 +324,9 @@ def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
-def test_master_weights_train_a_bf16_copy_and_update_the_fp32_model():
-    torch.manual_seed(0)
-    model = Transformer(load_config(TINY, ["model.dropout=0.0"]).model, 30)
-    master = MasterWeights(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    batch = collate([[5, 6, 7], [8, 9, 10, 11]], [[4, 5], [6, 7, 8]])
-    before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        assert master.work(batch.src, batch.tgt_in).dtype == torch.bfloat16  # no autocast: bf16 throughout
-    for _ in range(2):  # the second step starts from the copied-back weights and the re-attached gradients
-        loss_fn(master.work, batch, 0.1)[0].backward()
-        expected = [w.grad.float() for w in master.work.parameters()]
-        master.grads_to_master()
-        assert all(w.grad is None for w in master.work.parameters())
-        for p, grad in zip(model.parameters(), expected, strict=True):
-            assert p.dtype == torch.float32 and torch.equal(p.grad, grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        master.weights_to_work()
-        for p, w in zip(model.parameters(), master.work.parameters(), strict=True):
-            assert w.dtype == torch.bfloat16 and torch.equal(w, p.detach().to(torch.bfloat16))
-    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True) if p.dim() > 1)
-
-
-def test_master_weights_keep_updates_finer_than_bf16():
-    torch.manual_seed(0)
-    model = Transformer(load_config(TINY).model, 30)
-    master = MasterWeights(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # steps of about 1e-6
-    batch = collate([[5, 6, 7], [8, 9, 10, 11]], [[4, 5], [6, 7, 8]])
-    weight, work = model.encoder_layers[0].ff.linear1.weight, master.work.encoder_layers[0].ff.linear1.weight
-    before = weight.detach().clone()
-    loss_fn(master.work, batch, 0.1)[0].backward()
-    master.grads_to_master()
-    optimizer.step()
-    master.weights_to_work()
-    large = before.abs() > 0.01  # where bf16's spacing is over 6e-5, a step of 1e-6 mostly rounds away
-    assert large.sum() > 1000
-    assert (work[large] == before.bfloat16()[large]).float().mean() > 0.98  # (unless near a rounding midpoint)
-    step = (weight - before).abs()[large]
-    assert ((step > 0) & (step < 1e-5)).float().mean() > 0.9  # the fp32 master weights kept the steps
-
-
-@pytest.mark.parametrize("norm", ["post", "pre"])
-def test_bf16_model_gradients_match_the_fp32_models(norm):
-    """Every gradient of the bf16 copy is the fp32 model's, but for bf16's rounding. (On the CPU, torch's
-    LayerNorm and embedding kernels sum gradients in bf16 for bf16 weights: up to half off, which
-    `mt.layers.LayerNorm` and `Transformer.embed_tokens` avoid.)"""
-    torch.manual_seed(0)
-    model = Transformer(load_config(TINY, ["model.dropout=0.0", f"model.norm={norm}"]).model, 40)
-    master = MasterWeights(model)
-    lengths = torch.randint(5, 21, (2, 200)).tolist()
-    batch = collate([torch.randint(4, 40, (n,)).tolist() for n in lengths[0]],
-                    [torch.randint(4, 40, (n,)).tolist() for n in lengths[1]])  # 200 pairs: long sums
-    loss_fn(model, batch, 0.1)[0].backward()
-    loss_fn(master.work, batch, 0.1)[0].backward()
-    for (name, p), w in zip(model.named_parameters(), master.work.parameters(), strict=True):
-        assert (w.grad.float() - p.grad).norm() <= 0.05 * p.grad.norm(), name
-
-
-def test_bf16_weights_train_like_autocast_and_resume_exactly(in_tmp):
-    weights = ["train.precision=bf16-weights"]
-    straight = train(load_config(TINY, short("straight", 20) + weights), show_progress=False)
-    train(load_config(TINY, short("split", 10) + weights), show_progress=False)
-    split = train(load_config(TINY, short("split", 20) + weights), resume=True, show_progress=False)
-    autocast = train(load_config(TINY, short("autocast", 20) + ["train.precision=bf16"]), show_progress=False)
-    losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (straight, split, autocast)]
-    # Resuming copies the loaded master weights into the bf16 copy: the split run is the straight run.
-    assert len(losses[0]) == 4 and losses[0] == losses[1]
-    states = [checkpoint.load(run / "last.pt")["model"] for run in (straight, split)]
-    assert all(x.dtype == torch.float32 and torch.equal(x, states[1][k]) for k, x in states[0].items()
-               if x.is_floating_point())
-    # The same run under autocast: only rounding differs.
-    assert losses[0][-1] == pytest.approx(losses[2][-1], rel=0.05)
-    assert losses[0][-1] < losses[0][0]
-
-
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(in_tmp, monkeypatch, caplog, has_bf16):
     monkeypatch.setattr("mt.devices.cpu_has_bf16", lambda: has_bf16)
-    train(load_config(TINY, short("bf16", 2) + ["train.precision=bf16-weights", "train.device=cpu"]),
+    train(load_config(TINY, short("bf16", 2) + ["train.precision=bf16", "train.device=cpu"]),
           show_progress=False)
     assert ("this CPU has no bf16 instructions" in caplog.text) == (not has_bf16)

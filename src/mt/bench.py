@@ -24,18 +24,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mt import checkpoint, corpora
+from mt import checkpoint, corpora, distributed, fastpaths
 from mt.config import Config, ModelConfig
-from mt.data import Batch, PairTable, make_batches, read_corpus
+from mt.data import Batch, PairTable, PreparedData, make_batches, prepare_data, read_corpus
 from mt.devices import (
-    MasterWeights,
-    autocast,
     autocast_dtype,
     bf16_without_instructions,
     cpu_model,
@@ -45,9 +44,8 @@ from mt.devices import (
 )
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
-from mt.model import Transformer
 from mt.tokenizer import PAD
-from mt.train import compiled, loss_fn, prepare_data
+from mt.train import Trainer
 from mt.translate import Translator, translate_ids
 
 
@@ -136,9 +134,8 @@ class ReferenceTransformer(nn.Module):
 COMPILED_WARMUP = 20
 
 
-def measure_training(
-    step: Callable[[Batch], None], batches: list[Batch], seconds: float, device: torch.device, warmup: int = 3
-) -> tuple[float, int, list[Batch]]:
+def measure_training(step: Callable[[Any], None], batches: list, seconds: float, device: torch.device,
+                     warmup: int = 3) -> tuple[float, int, list]:
     """Runs `step` over `batches` (cycling) for about `seconds` after `warmup` steps.
 
     Returns:
@@ -147,7 +144,7 @@ def measure_training(
     for batch in batches[:warmup]:
         step(batch)
     _sync(device)
-    done: list[Batch] = []
+    done: list = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         batch = batches[(warmup + len(done)) % len(batches)]
@@ -169,48 +166,36 @@ class Training:
     warmup: int
 
 
-def train_ours(config: Config, vocab: int, batches: list[Batch], seconds: float, device: torch.device) -> Training:
-    """Times updates of a fresh model on `batches` as `mt train` makes them: the config's precision, attention
-    kernels and compilation, fused AdamW. The model is freed before it returns."""
-    torch.manual_seed(config.train.seed)
-    model = Transformer(config.model, vocab).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mt.train does
-    master = MasterWeights(model) if config.train.precision == "bf16-weights" else None
-    trained = master.work if master else model
-    net = compiled(trained) if config.train.compile else trained
-    step = _train_step(net, optimizer, lambda m, b: loss_fn(m, b, 0.1, config.train.attention)[0],
-                       autocast_dtype(config, device), device, master)
+def train_ours(config: Config, data: PreparedData, batches: list[np.ndarray], seconds: float) -> Training:
+    """Times `mt train`'s own update (`Trainer.step`) of a fresh model on `batches` (row indices), one batch an
+    update. The model is freed before it returns."""
+    trainer = Trainer(config, data, distributed.Context())
+    device = trainer.device
     # Compiled, the warm-up runs the first COMPILED_WARMUP batches: a few batch sizes cross thresholds that
     # torch.compile's generated code guards on, and each first crossing compiles again.
     warmup = COMPILED_WARMUP if config.train.compile else 3
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elapsed, steps, done = measure_training(step, batches, seconds, device, warmup)
-    flops = sum(training_flops(config.model, vocab, *_batch_lengths(b)) for b in done)
+    elapsed, steps, done = measure_training(trainer.one_batch_step, batches, seconds, device, warmup)
+    done = [trainer.rows.batch(idx) for idx in done]
+    flops = sum(training_flops(config.model, data.tokenizer.vocab_size, *_batch_lengths(b)) for b in done)
     result = Training(tokens=sum(b.target_tokens for b in done) / elapsed, flops=flops / elapsed,
                       real_share=_real_share(done), peak=_peak_memory(device), steps=steps, warmup=warmup)
-    del model, master, trained, net, optimizer, step
+    del trainer
     _free(device)
     return result
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss, amp: torch.dtype | None,
-                device: torch.device, master: MasterWeights | None = None) -> Callable[[Batch], None]:
-    """One update of `model` on a batch, as `mt.train` makes it; with `master`, `model` is its bf16 copy."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+def _train_reference(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+                     ) -> Callable[[Batch], None]:
+    """One update of the `nn.Transformer` reference on a batch: fp32, plain autograd loss."""
 
     def step(batch: Batch) -> None:
         batch = batch.to(device)
-        with autocast(device, None if master else amp):
-            loss = compute_loss(model, batch)
-        (loss / batch.target_tokens).backward()
-        if master:
-            master.grads_to_master()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        (_reference_loss(model, batch) / batch.target_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if master:
-            master.weights_to_work()
 
     return step
 
@@ -242,7 +227,7 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     if decode and run_dir is not None:  # a bad run or test set fails now, not after the training measurements
         Translator.load(run_dir, device="cpu")  # its config, tokenizer and checkpoint
         corpora.resolve(test or _default_test(config), config.data.src_lang, config.data.tgt_lang)
-    amp = autocast_dtype(config, device)
+    amp = autocast_dtype(config.train.precision, device)
     rows = [] if rows is None else rows
     roof_dtype = amp or torch.float32
     largest = 8192 if device.type == "cuda" else 2048
@@ -261,18 +246,17 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     table = PairTable(data.train)
     index_batches = make_batches(data.src_len, data.tgt_len, config.train.batch_tokens, seed=config.train.seed)
     n_batches = min(len(index_batches), 400)
-    ours_batches = [table.batch(idx) for idx in index_batches[:n_batches]]
     per_batch = int(np.mean([len(b) for b in index_batches]))
     shuffled = np.random.default_rng(config.train.seed).permutation(len(data.src_len))
     ref_batches = [table.batch(shuffled[i : i + per_batch])
                    for i in range(0, min(len(shuffled), per_batch * n_batches), per_batch) if reference]
 
-    ours = train_ours(config, vocab, ours_batches, seconds, device)
+    ours = train_ours(config, data, index_batches[:n_batches], seconds)
     rows += [
         Row("train ours: target tokens/s", ours.tokens, "tok/s", f"{ours.steps} steps, {config.train.batch_tokens} "
             f"tokens/batch, {training_precision(config, amp)}"
             f"{f', compiled, {ours.warmup} warm-up steps' if config.train.compile else ''}"
-            f"{f', {config.train.attention} attention first' if config.train.attention != 'auto' else ''}"),
+            f"{'' if fastpaths.ENABLED else ', fast paths off (--plain)'}"),
         Row("train ours: real (non-pad) share", 100 * ours.real_share, "%", "source + target"),
         Row("train ours: model FLOP/s", ours.flops / scale, flop_unit),
         Row("train ours: MFU", 100 * ours.flops / roof, "%", "model FLOP/s ÷ roof"),
@@ -296,7 +280,7 @@ def _reference_rows(config: Config, vocab: int, batches: list[Batch], per_batch:
     torch.manual_seed(config.train.seed)
     reference = ReferenceTransformer(config.model, vocab).to(device).train()
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4)
-    step = _train_step(reference, optimizer, _reference_loss, None, device)
+    step = _train_reference(reference, optimizer, device)
     try:
         measured = measure_training(step, batches, seconds, device)
     except torch.OutOfMemoryError:

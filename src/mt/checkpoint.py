@@ -22,12 +22,16 @@ import functools
 import json
 import logging
 import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mt.errors import CheckpointError, MtError
+from mt.config import Config, config_to_dict, load_run_config
+from mt.errors import CheckpointError, ConfigError, MtError
 from mt.files import write_atomically, write_bytes
 
 CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
@@ -270,3 +274,85 @@ def latest_run(runs_dir: Path) -> Path:
         raise CheckpointError(f"no trained run found in {runs_dir}/; train one with `mt train` "
                               "or name one with --run")
     return max(candidates)[1]
+
+
+def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
+    """Creates (or, with `overwrite`, empties) the run folder, or checks it for `resume`.
+
+    Raises:
+        MtError: if the folder exists and neither flag says what to do with it, if it holds files mt did not
+            write, or if the name is not a folder name.
+    """
+    check_trainable(config)
+    run_dir = config.run_dir
+    if resume:
+        if not (run_dir / CONFIG).is_file():
+            raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {CONFIG})")
+        saved = load_run_config(run_dir / CONFIG)
+        # The tokenizer and the training data are the run's; how many processes read them, and mt eval's test
+        # set, are not.
+        free = ("data.workers:", "data.test:")
+        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)
+                 if not change.startswith(free)]
+        if fixed:
+            raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {CONFIG} "
+                              "against this config): resume with the run's own settings or train a new run")
+        # Longer or shorter is what a resume is for; any other change is worth a word.
+        stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
+        changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
+        changed += [c for c in _changes(saved, config, "train") if not c.startswith(stops)]
+        if changed:
+            log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
+        if changed := _changes(saved, config, "decode"):
+            log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
+                        "config's (%s): edit its %s to change it", run_dir, "; ".join(changed), CONFIG)
+        remove_partial_files(run_dir)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        foreign = foreign_files(run_dir)
+        if foreign:  # never delete what mt did not write
+            raise MtError(f"{run_dir} exists and holds files mt did not write ({', '.join(foreign[:3])}); choose "
+                          "another name with --set name=NEW or another runs_dir")
+        if not has_checkpoint(run_dir):  # an earlier start that stopped early: nothing to resume
+            log.info("%s holds no checkpoint (an earlier start stopped early): starting it again", run_dir)
+        elif not overwrite:
+            raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
+                          "start it again, or choose another name with --set name=NEW")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def in_its_own_folder(config: Config, path: Path, overrides: Sequence[str] = ()) -> Config:
+    """`config`, read from `path`, set to resume the folder `path` is in when `path` is a run's own config.yaml
+    (one beside checkpoints) and that folder is not where its runs_dir and name point: a run copied or moved
+    elsewhere, or a relative runs_dir read from another folder. Unchanged for any other config, and when an
+    override names the run."""
+    folder = Path(os.path.abspath(path.parent))  # as given: a symlinked folder keeps its own name
+    named = {override.partition("=")[0].strip() for override in overrides}
+    if (path.name != CONFIG or not has_checkpoint(folder) or named & {"name", "runs_dir"}
+            or (config.run_dir.exists() and config.run_dir.samefile(folder))):
+        return config
+    log.info("resuming %s, the run folder of %s (its config names %s)", folder, path, config.run_dir)
+    return replace(config, name=folder.name, runs_dir=str(folder.parent))
+
+
+def _changes(saved: Config, config: Config, section: str) -> list[str]:
+    """"section.key: saved → new" for each key of `section` whose value differs between the two configs."""
+    before, after = config_to_dict(saved)[section], config_to_dict(config)[section]
+    return [f"{section}.{key}: {before[key]} → {after[key]}" for key in before if before[key] != after[key]]
+
+
+def check_trainable(config: Config) -> None:
+    """What training needs of a config beyond what loading one checks (a saved run's config that fails here
+    still translates).
+
+    Raises:
+        ConfigError: for a run name that is not a folder name, or sentences longer than the model's positions.
+    """
+    if config.name in (".", "..") or any(c in config.name for c in "/\\"):
+        raise ConfigError(f"name must be a folder name, without '/' and not '.' or '..' (the run folder is "
+                          f"runs_dir/name), got {config.name!r}")
+    if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
+        raise ConfigError(f"model.max_positions ({config.model.max_positions}) must exceed data.max_tokens "
+                          f"({config.data.max_tokens}): sentences get an EOS or BOS token")

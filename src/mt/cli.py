@@ -20,7 +20,7 @@ import typer
 from tqdm import tqdm
 
 from mt.config import TUNE_BEAMS, TUNE_PENALTIES
-from mt.errors import DataError, Interrupted, MtError
+from mt.errors import DataError, Interrupted, MtError, out_of_memory
 
 app = typer.Typer(
     help="Train, run and score a French→English Transformer translator.",
@@ -109,23 +109,12 @@ def _errors_exit_2(command):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except (MemoryError, RuntimeError) as e:
-            if not _out_of_memory(e):
+            if (message := out_of_memory(e)) is None:
                 raise
-            # torch's CPU message starts with its C++ source location; what follows the allocator's name says it
-            what = " ".join(str(e).split()).rpartition("DefaultCPUAllocator: ")[2] or type(e).__name__
-            typer.echo(f"error: out of memory ({what[:200]}); a smaller batch (train.batch_tokens, "
-                       "decode.batch_tokens) or model (model.d_model, model.d_ff, the layers) may fit", err=True)
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether `e` says that memory ran out: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
-    RuntimeError of torch's CPU allocator."""
-    torch = sys.modules.get("torch")  # not imported for a command that never loads it
-    return (isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
-            or "can't allocate memory" in str(e))
 
 
 @app.command()
@@ -146,8 +135,8 @@ def train(
 
     Example: MT_DATA_PATH=../shared/data mt train --config configs/tiny.yaml --set train.max_steps=100
     """
+    from mt.checkpoint import in_its_own_folder
     from mt.config import load_config
-    from mt.train import in_its_own_folder
     from mt.train import train as run_training
 
     _setup_logging(quiet, verbose)
@@ -191,7 +180,7 @@ def translate(
     mt translate "Un homme joue de la guitare." --attention attention.png
     """
     from mt.data import check_text, decode_lines, read_lines
-    from mt.translate import Translator
+    from mt.translate import Translator, in_chunks
 
     _setup_logging(quiet=True)
     text = " ".join(words) if words else None  # mt translate Un chat dort.: the shell's words, joined again
@@ -246,19 +235,8 @@ def translate(
                 continue
             emit([line])
     else:
-        chunk: list[str] = []
-        try:
-            for line in decode_lines(sys.stdin.buffer, "stdin"):  # streams: translated in chunks as lines arrive
-                chunk.append(line)
-                if len(chunk) == 64:
-                    emit(chunk)  # typer.echo flushes: each chunk reaches the reader at once
-                    chunk = []
-        except DataError:  # a bad line: the lines before it are translated before its error
-            if chunk:
-                emit(chunk)
-            raise
-        if chunk:
-            emit(chunk)
+        for chunk in in_chunks(decode_lines(sys.stdin.buffer, "stdin")):  # translated as lines arrive
+            emit(chunk)  # typer.echo flushes: each chunk reaches the reader at once
 
 
 def input_line(prompt: str) -> str:
@@ -487,6 +465,8 @@ def bench(
                                          "training alone).")] = True,
     reference: Annotated[bool, typer.Option(help="Train the nn.Transformer reference (--no-reference: our model "
                                             "alone, to compare settings quickly).")] = True,
+    plain: Annotated[bool, typer.Option("--plain", help="Run the plain path of every fast path (mt.fastpaths), to "
+                                        "measure what they win.")] = False,
     runs_dir: RunsDirOption = Path("runs"),
 ) -> None:
     """Measure speed side by side: matmul roof, training (ours vs nn.Transformer), decoding (cache vs
@@ -494,12 +474,14 @@ def bench(
 
     Example: MT_DATA_PATH=../shared/data mt bench --config configs/multi30k.yaml --run runs/multi30k
     """
+    from mt import fastpaths
     from mt.bench import format_table, run_benchmark
     from mt.checkpoint import latest_run
     from mt.config import load_config
     from mt.errors import CheckpointError
 
     _setup_logging(quiet=True)
+    fastpaths.ENABLED = not plain
     cfg = load_config(config, overrides or [])
     if run is None:
         try:
@@ -519,6 +501,7 @@ def bench(
         raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        fastpaths.ENABLED = True
     typer.echo(format_table(rows))
 
 
@@ -551,5 +534,27 @@ def _corpus_arg(text: str) -> str | dict[str, str]:
     return spec
 
 
+def configure_process() -> None:
+    """The process-wide settings `mt`'s commands run with, made here and nowhere else.
+
+    glibc's malloc keeps freed blocks of up to 64 MB for reuse instead of handing them back to the system: a
+    training step makes and frees tensors of a few megabytes, and without this each of them page-faults its
+    memory in again (BENCHMARKS.md, "Levers"). Keeping up to 256 MB free costs at most that much memory.
+    Nothing is changed where the C library is not glibc, or where the user set any MALLOC_* variable.
+    """
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        glibc = None
+    if glibc and not any(name.startswith("MALLOC_") for name in os.environ):
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        mallopt(m_mmap_threshold, 64 << 20)
+        mallopt(m_trim_threshold, 256 << 20)
+
+
 def main() -> None:
+    configure_process()
     app()

@@ -74,8 +74,8 @@ class ModelConfig:
     d_ff: int = option(1024, "hidden width of the feed-forward blocks", min=1)
     dropout: float = option(0.2, "dropout on embeddings, sublayer outputs and feed-forward", min=0.0, max=0.9)
     attention_dropout: float = option(0.0, "dropout on attention weights", min=0.0, max=0.9)
-    activation_dropout: float = option(0.0, "dropout inside the feed-forward block, after the activation "
-                                       "(its random draws cost a CPU step ~15%)", min=0.0, max=0.9)
+    activation_dropout: float = option(0.0, "dropout inside the feed-forward block, after the activation",
+                                       min=0.0, max=0.9)
     activation: Literal["relu", "gelu"] = option("relu", "feed-forward activation")
     norm: Literal["post", "pre"] = option("post", "Add & Norm after each sublayer (post) or before it (pre)")
     max_positions: int = option(1024, "longest sequence the sinusoidal table covers", min=16)
@@ -100,19 +100,14 @@ class TrainConfig:
                                 "console)", min=1)
     seed: int = option(1, "seed of model initialisation and batch order", min=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
-    precision: Literal["auto", "fp32", "bf16", "bf16-weights"] = option(
-        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (training and decoding); "
-        "bf16 = bf16 autocast on any device; bf16-weights = train a bf16 copy of the model, fp32 master weights in "
-        "the optimizer")
-    attention: Literal["auto", "flash", "efficient", "math"] = option(
-        "auto", "scaled_dot_product_attention kernel tried first in training (the others follow where it cannot "
-        "run): auto = math on the CPU, flash on CUDA; never cuDNN")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
+        "on any device")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
                                       "tensorboard)")
     threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
     compile: bool = option(False, "compile each encoder and decoder layer for training with torch.compile "
-                           "(dynamic shapes): fused kernels, fewer launches; the first steps compile (100 s on 2 "
-                           "CPU cores for multi30k-gpu.yaml, against 257 s for the whole model)")
+                           "(dynamic shapes; the first steps compile). Unmeasured on a GPU; slower on the CPU")
     keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
     patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)
     average_last: int = option(3, "at the end, average the last N numbered checkpoints; kept as best.pt if "
@@ -136,6 +131,9 @@ class DecodeConfig:
     batch_tokens: int = option(16000, "source tokens per decoding batch (times beam size)", min=1)
     inter_threads: int = option(2, "batches decoded at once on a CPU, sharing torch's threads (mt train's own "
                                    "decoding: one)", min=1)
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
+        "on any device")
 
 
 @dataclass(frozen=True)
@@ -151,6 +149,14 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+# Keys and values that earlier versions of mt wrote into run folders: a saved run's config.yaml is read without
+# them (the run translates and resumes as before); a config given to `mt train` is told what became of them.
+REMOVED = {
+    "train.attention": "mt chooses the attention kernels itself (mt.fastpaths.attention_kernels)",
+}
+RENAMED_VALUES = {("train.precision", "bf16-weights"): "bf16"}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -184,7 +190,7 @@ def load_run_config(path: Path) -> Config:
     Raises:
         ConfigError: naming the file and what it lacks, or as `load_config`.
     """
-    raw = _read_sections(path)
+    raw = _without_removed(_read_sections(path))
     missing = [f.name for f in fields(Config) if f.name not in raw]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: a run's config holds every section, so this one "
@@ -193,6 +199,19 @@ def load_run_config(path: Path) -> Config:
     if problem := _broken_rule(config):
         raise ConfigError(f"{path}: {problem}")
     return config
+
+
+def _without_removed(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without the keys in REMOVED, and with the values in RENAMED_VALUES replaced."""
+    for key in REMOVED:
+        section, _, name = key.partition(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
+    for (key, old), new in RENAMED_VALUES.items():
+        section, _, name = key.partition(".")
+        if isinstance(raw.get(section), dict) and raw[section].get(name) == old:
+            raw[section][name] = new
+    return raw
 
 
 def _read_sections(path: Path) -> dict[str, Any]:
@@ -307,6 +326,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
     known = {f.name: f for f in fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in REMOVED:
+            raise ConfigError(f"{source}: {prefix}{key} was removed: {REMOVED[f'{prefix}{key}']}; delete the key")
         if key not in known:
             raise ConfigError(_unknown_key(source, prefix.rstrip("."), str(key), list(known)))
     hints = typing.get_type_hints(cls)

@@ -11,23 +11,28 @@ of each batch is padding, and the batch order is shuffled with a seed per epoch.
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import itertools
+import json
 import logging
 import sys
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from mt import checkpoint, corpora
+from mt.config import Config
 from mt.corpora import CorpusFiles, DatasetCorpus
 from mt.errors import DataError
+from mt.files import free_mib, write_bytes
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -524,3 +529,94 @@ class ListColumn:
                                    zip(chunk.tolist(), start.tolist(), length.tolist(), strict=True)]
                                   or [np.zeros(0, dtype=np.int64)])
         return flat.astype(np.int64, copy=False), length
+
+
+@dataclass
+class PreparedData:
+    """A run's tokenizer and tokenized data, ready for batching."""
+
+    tokenizer: Tokenizer
+    train: Any  # datasets.Dataset with src_ids / tgt_ids
+    valid: Any
+    src_len: np.ndarray
+    tgt_len: np.ndarray
+
+    @functools.cached_property
+    def valid_columns(self) -> dict[str, list]:
+        """The validation set as column lists, read from Arrow once per run rather than at every validation."""
+        return self.valid[:]
+
+
+def _resolve(key: str, spec: Any, config: Config, fetch: bool = True):
+    """`corpora.resolve` for one corpus of the config; its errors name the config key."""
+    try:
+        return corpora.resolve(spec, config.data.src_lang, config.data.tgt_lang, fetch=fetch)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
+def prepare_data(config: Config, run_dir: Path) -> PreparedData:
+    """Reads, tokenizes and filters the corpora; trains the tokenizer unless the run already has one."""
+    import datasets
+
+    data = config.data
+    valid_files = _resolve("data.valid", data.valid, config)  # a typo fails before the long read
+    # mt eval's test set, checked now rather than after training; a corpus mt would download is not fetched yet
+    _resolve("data.test", data.test, config, fetch=False)
+    parts, names, cleaning = [], [], []
+    for spec, repeat in corpora.parse_corpus_list(data.train):
+        files = _resolve("data.train", spec, config)
+        plain = not isinstance(files, corpora.CorpusFiles) or str(files.src) in files.name  # a dataset, or paths
+        where = "" if plain else f" ({files.src}, {files.tgt})"
+        log.info("reading %s%s", files.name, where)
+        corpus = load_corpus(files, data.max_pairs)
+        if len(corpus) == 0:
+            raise DataError(f"training corpus {files.name} is empty")
+        corpus, report = clean_pairs(corpus, data.normalize, data.dedupe)
+        log.info("%s: %s%s", files.name, report.describe(), f"; repeated {repeat} times" if repeat > 1 else "")
+        parts += [corpus] * repeat
+        names.append(files.name + (f"*{repeat}" if repeat > 1 else ""))
+        cleaning.append({"corpus": files.name, "repeat": repeat, **asdict(report)})
+    train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    valid = load_corpus(valid_files)
+    if len(valid) == 0:
+        raise DataError(f"validation corpus {valid_files.name} is empty")
+    if data.normalize:
+        valid = valid.map(_normalize_source, batched=True)
+    tokenizer_path = run_dir / checkpoint.TOKENIZER
+    if tokenizer_path.is_file():
+        tokenizer = Tokenizer.load(tokenizer_path)
+        log.info("reusing %s (%d pieces)", tokenizer_path, tokenizer.vocab_size)
+    else:
+        t = config.tokenizer
+        log.info("training a %s SentencePiece tokenizer of %d pieces", t.type, t.vocab_size)
+        sample = train
+        if 2 * len(train) > t.sample_sentences:  # a random sample of pairs: the corpus is never all in memory
+            picked = np.random.default_rng(config.train.seed).choice(len(train), t.sample_sentences // 2, replace=False)
+            sample = train.select(np.sort(picked))
+        tokenizer = Tokenizer.train(list(sample["src"]) + list(sample["tgt"]), t.vocab_size, t.type,
+                                    t.character_coverage, t.sample_sentences, seed=config.train.seed)
+        tokenizer.save(tokenizer_path)
+    cache = run_dir / checkpoint.CACHE
+    try:
+        train, report = filter_pairs(tokenize(train, tokenizer, data.workers, cache), data.max_tokens,
+                                     data.max_ratio, cache)
+        valid = tokenize(valid, tokenizer, cache=cache)
+    except OSError as e:  # datasets' and Arrow's writes name no file
+        raise DataError(f"cannot write the tokenized data to {cache}/: {e.strerror or e} "
+                        f"({free_mib(run_dir):,.0f} MiB free on its disk)") from None
+    log.info("training data: %s", report.describe())
+    if report.kept == 0:
+        raise DataError(f"no training pairs left after filtering {' + '.join(names)} "
+                        f"(data.max_tokens={data.max_tokens}, data.max_ratio={data.max_ratio})")
+    src_len, tgt_len = lengths(train)
+    stats = {"train": names, "valid": valid_files.name, "cleaning": cleaning, "filter": asdict(report),
+             "valid_pairs": len(valid), "vocab_size": tokenizer.vocab_size,
+             "train_src_tokens": int(src_len.sum()), "train_tgt_tokens": int(tgt_len.sum())}
+    write_bytes(run_dir / checkpoint.DATA_STATS, (json.dumps(stats, indent=2) + "\n").encode())
+    return PreparedData(tokenizer, train, valid, src_len, tgt_len)
+
+
+def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+    # Validation sources are normalised as translation input is; references stay as they are.
+    return {"src": [normalize_text(t) for t in batch["src"]]}

@@ -1,24 +1,19 @@
 """Where and in what precision `mt` computes: the device, and bf16 autocast where it is faster.
 
-bf16 autocast is used on CUDA and on CPUs that multiply bf16 natively (AVX512-BF16 or AMX): measured on a
-2-core AMD EPYC with AVX512-BF16, a training step is about 1.45x faster and beam search 1.49x faster with the
-same BLEU (scripts/decode_precision.py: 52.30 vs 52.31 on test_2016_flickr; see BENCHMARKS.md). Weights stay
-fp32; autocast computes matrix products in bf16.
-
-`train.precision: bf16-weights` trains a bf16 copy of the model instead (`MasterWeights`).
+bf16 autocast is used on CUDA and on CPUs that multiply bf16 natively (AVX512-BF16 or AMX), where it trains
+and decodes faster with the same BLEU (BENCHMARKS.md). Weights stay fp32; autocast computes matrix products
+in bf16. Elsewhere a CPU has no bf16 instructions, and fp32 is much faster.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import itertools
 import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mt.config import Config
 from mt.errors import ConfigError
@@ -87,22 +82,19 @@ def cpu_model() -> str:
 def bf16_without_instructions(config: Config, device: torch.device) -> bool:
     """Whether `train.precision` asks for bf16 on a CPU that has no bf16 instructions: there its bf16 matrix
     products run in plain loops, hundreds of times slower than fp32 (`mt.bench.matmul_roof`)."""
-    return device.type == "cpu" and config.train.precision in ("bf16", "bf16-weights") and not cpu_has_bf16()
+    return device.type == "cpu" and config.train.precision == "bf16" and not cpu_has_bf16()
 
 
-def autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. With `bf16-weights`, validation and decoding use bf16
-    autocast on the fp32 weights, while training runs on the bf16 copy without autocast (`MasterWeights`)."""
-    precision = config.train.precision
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that `precision` (`train.precision`, `decode.precision`) asks for on `device`, or
+    None for plain fp32; `auto` is bf16 on CUDA and on CPUs with bf16 instructions."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
-    return torch.bfloat16 if precision in ("bf16", "bf16-weights") else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def training_precision(config: Config, amp: torch.dtype | None) -> str:
     """How training computes, in words, for the log and `mt bench`."""
-    if config.train.precision == "bf16-weights":
-        return "bf16 weights, fp32 master weights"
     return "bf16 autocast" if amp else "fp32"
 
 
@@ -111,41 +103,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-class MasterWeights:
-    """Training on a bf16 copy of the model, with the fp32 model as the optimizer's master weights
-    (`train.precision: bf16-weights`; fairseq's `--bf16`, Micikevicius et al., 2018).
-
-    Under autocast the weights stay fp32, and every step converts them, the activations entering each matrix
-    product and their gradients between fp32 and bf16: counted on the CPU, a training step of the GPU config
-    dispatches 3,400 operators, 564 of them conversions, each a kernel launch on a GPU; with bf16 weights,
-    3,034 and 196 before the CPU-only fp32 paths of `mt.layers.LayerNorm` and `Transformer.embed_tokens` were
-    added (scripts/bench_precision.py, BENCHMARKS.md).
-
-    Here the forward and backward passes run on `work`, whose weights and activations are bf16 (layer norm
-    and softmax compute in fp32 inside their kernels); the optimizer updates the fp32 model given, which
-    checkpoints, validation and decoding use as before. A step costs two multi-tensor copies: the gradients to
-    the master (`grads_to_master`), and the updated weights back (`weights_to_work`). Gradients are summed in
-    bf16 where batches add up: over the batches of an update (`train.accumulate`), and over the ranks of
-    data-parallel training (DDP's all-reduce).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.work = copy.deepcopy(model).to(torch.bfloat16)
-        self._master = list(model.parameters())
-        self._work = list(self.work.parameters())
-        self._grads = [torch.zeros_like(p) for p in self._master]
-
-    def grads_to_master(self) -> None:
-        """Sets the master weights' gradients (fp32) to the working copy's, and clears the latter. A weight
-        without a gradient gets none, as the optimizer expects of an unused weight."""
-        have = [i for i, w in enumerate(self._work) if w.grad is not None]
-        torch._foreach_copy_([self._grads[i] for i in have], [self._work[i].grad for i in have])
-        for master, grad, work in zip(self._master, self._grads, self._work, strict=True):
-            master.grad, work.grad = (grad if work.grad is not None else None), None
-
-    @torch.no_grad()
-    def weights_to_work(self) -> None:
-        """Copies the master weights into the working copy: after each update, and after loading a checkpoint."""
-        torch._foreach_copy_(self._work, self._master)

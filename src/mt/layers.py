@@ -1,10 +1,10 @@
 """The Transformer's layers: sinusoidal positions, feed-forward, encoder layer and decoder layer.
 
-The layers' `activation_dropout` (dropout inside the feed-forward block) defaults to `dropout`, as in torch's
-layers; the model passes `model.activation_dropout`, 0 by default (fairseq's default).
 Each layer follows the tutorial's drawing: sublayer, then Add & Norm (`norm="post"`, Vaswani et al., 2017),
 or Norm first and Add after (`norm="pre"`, Xiong et al., 2020). Parameter names match
 `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` where they can, so tests copy weights across.
+The layers' `activation_dropout` (dropout inside the feed-forward block) defaults to `dropout`, as in torch's
+layers; the model passes `model.activation_dropout`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mt.attention import KVCache, MultiHeadAttention
-from mt.linear import Linear
 
 
 class SinusoidalPositions(nn.Module):
@@ -38,66 +37,14 @@ class SinusoidalPositions(nn.Module):
         return self.table[start : start + length]
 
 
-class Dropout(nn.Module):
-    """Inverted dropout, as `nn.Dropout`, with its mask drawn from 16 random bits per unit on the CPU.
-
-    On the CPU, `nn.Dropout`'s Bernoulli draws took 15% of a training step, and uniform floats compared to p
-    still 8% on an AMX Xeon. Random 64-bit integers, read as four 16-bit ones, are drawn faster than as many
-    floats: dropout's forward and backward passes over 4,096 x 256 units took 2.3 ms against 3.9 ms
-    (scripts/bench_kernels.py; BENCHMARKS.md, "An AMX Xeon, continued"). The drop probability is then p
-    rounded to a multiple of 1/65,536 (0.2 -> 0.199997), and kept units are scaled by 1 / (1 - that), so the
-    mean stays exact. Elsewhere `F.dropout` (fused) is used.
-    """
-
-    LEVELS = 1 << 16
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        drop = round(self.p * self.LEVELS)  # of the 65,536 values a 16-bit draw takes, those that drop a unit
-        keep = random_int16(x.shape, x.device) >= drop - self.LEVELS // 2
-        return x * keep.to(x.dtype).mul_(self.LEVELS / (self.LEVELS - drop))  # 0 or 1 / (1 - p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Uniform random int16 of `shape`, each of the 65,536 values equally likely, from torch's generator."""
-    n = shape.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
-    return words.view(torch.int16)[:n].view(shape)
-
-
-class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm`, computed in fp32 for bf16 input on the CPU.
-
-    With bf16 weights (`train.precision: bf16-weights`), torch's CPU kernel sums the weight and bias gradients
-    over the rows in bf16, where the sum soon stops growing: over 8,192 rows, a bias gradient of 4,077 came out
-    as 512 (scripts/bf16_sums.py; tests/test_layers.py). CUDA's kernel sums in fp32.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
-            return super().forward(x)
-        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
 class FeedForward(nn.Module):
     """Position-wise linear -> activation -> dropout -> linear (fairseq's `activation_dropout`)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
         super().__init__()
-        self.linear1 = Linear(d_model, d_ff)
-        self.linear2 = Linear(d_ff, d_model)
-        self.dropout = Dropout(dropout)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
         self.activation = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +60,8 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
-        self.norm1, self.norm2 = LayerNorm(d_model), LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,8 +92,8 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ff = FeedForward(d_model, d_ff, dropout if activation_dropout is None else activation_dropout,
                               activation)
-        self.norm1, self.norm2, self.norm3 = (LayerNorm(d_model) for _ in range(3))
-        self.dropout = Dropout(dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(

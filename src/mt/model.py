@@ -14,38 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mt.attention import KVCache, moved_rows
+from mt.attention import KVCache
 from mt.config import ModelConfig
-from mt.layers import DecoderLayer, Dropout, EncoderLayer, LayerNorm, SinusoidalPositions
-from mt.linear import linear
+from mt.layers import DecoderLayer, EncoderLayer, SinusoidalPositions
 from mt.masks import padding_mask
 from mt.tokenizer import PAD
 
 
 @dataclass
 class DecoderCache:
-    """Per decoder layer: the growing self-attention cache (one row per hypothesis) and the fixed
-    cross-attention cache (one row per sentence, shared by the sentence's beams)."""
+    """Per decoder layer: the growing self-attention cache and the fixed cross-attention cache, one row per
+    hypothesis in each."""
 
     self_attn: list[KVCache]
     cross_attn: list[KVCache]
-    memory_mask: torch.Tensor  # (sentences, 1, 1, S)
+    memory_mask: torch.Tensor  # (rows, 1, 1, S)
 
     @property
     def length(self) -> int:
         return self.self_attn[0].length
 
-    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
-        """Row i continues old row index[i]. When sentences are dropped or moved, `sentences` gives the old
-        position of each sentence kept, in the new order; the rows of a sentence stay consecutive."""
-        moved = moved_rows(index)  # the same for every layer: found once
+    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
+        """Row i continues old row index[i]. The encoder's keys and values are the same for every beam of a
+        sentence, so they are reordered only when rows are added or sentences leave (`sentences_changed`)."""
         for cache in self.self_attn:
-            cache.reorder(index, moved)
-        if sentences is not None:
-            moved = moved_rows(sentences)
+            cache.reorder(index)
+        if sentences_changed or index.numel() != self.memory_mask.size(0):
             for cache in self.cross_attn:
-                cache.reorder(sentences, moved)
-            self.memory_mask = self.memory_mask.index_select(0, sentences)
+                cache.reorder(index)
+            self.memory_mask = self.memory_mask.index_select(0, index)
 
 
 class Transformer(nn.Module):
@@ -59,12 +56,12 @@ class Transformer(nn.Module):
                       config.activation, norm_first, config.activation_dropout)
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)
         self.positions = SinusoidalPositions(d, config.max_positions)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
         # Pre-norm stacks end with a LayerNorm; post-norm layers already end with one.
-        self.encoder_norm = LayerNorm(d) if norm_first else nn.Identity()
-        self.decoder_norm = LayerNorm(d) if norm_first else nn.Identity()
+        self.encoder_norm = nn.LayerNorm(d) if norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if norm_first else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -76,15 +73,8 @@ class Transformer(nn.Module):
             self.embed.weight[PAD].zero_()
 
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """(B, T) ids -> (B, T, E): scaled embeddings plus positions start..start+T-1."""
-        weight = self.embed.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-            # torch's CPU embedding backward adds up a token's gradients in bf16 (with bf16 weights, the sum of
-            # a token seen 4,096 times stopped at 1.0 for 6.16, scripts/bf16_sums.py): looked up in fp32, in fp32.
-            x = F.embedding(tokens, weight.float(), PAD).to(weight.dtype)
-        else:
-            x = self.embed(tokens)
-        x = x * math.sqrt(self.config.d_model)
+        """(B, T) ids -> (B, T, E): embeddings scaled by sqrt(E), plus the positions start..start+T-1."""
+        x = self.embed(tokens) * math.sqrt(self.config.d_model)
         return self.dropout(x + self.positions(tokens.size(1), start))
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +103,7 @@ class Transformer(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """(..., E) decoder states -> (..., V) scores, through the shared embedding matrix."""
-        # A linear product, not `states @ weight.t()`: autocast converts the weight itself once and reuses that copy
-        # for every decoding step, where a transposed view would be converted again at each step.
-        return linear(states, self.embed.weight)
+        return F.linear(states, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) source and (B, T) target-input ids -> (B, T, V) logits, or (N, V) logits at the N flat
@@ -125,18 +113,9 @@ class Transformer(nn.Module):
         return self.logits(states if where is None else states.flatten(0, 1).index_select(0, where))
 
     def start_cache(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_len: int) -> DecoderCache:
-        """A cache for `max_len` decoding steps; the cross-attention keys/values are computed here, once."""
-        B, device = memory.size(0), memory.device
-        # Stored in the dtype attention reads them in at every step, so that nothing converts them per step: on
-        # the CPU fp32 (`attention.cached_attention`), elsewhere the autocast dtype of the fused kernels.
-        autocast = device.type != "cpu" and torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else torch.float32
-        self_caches, cross_caches = [], []
-        for layer in self.decoder_layers:
-            attn = layer.self_attn
-            self_caches.append(KVCache.empty(B, attn.heads, max_len, attn.head_dim, dtype, device))
-            cross_caches.append(KVCache.fixed(*(x.to(dtype) for x in layer.cross_attn.project_memory(memory))))
-        return DecoderCache(self_caches, cross_caches, memory_mask)
+        """A cache for `max_len` decoding steps; the cross-attention keys and values are computed here, once."""
+        return DecoderCache([KVCache.empty(max_len) for _ in self.decoder_layers],
+                            [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers], memory_mask)
 
     def decode_step(
         self, tokens: torch.Tensor, cache: DecoderCache, need_weights: bool = False

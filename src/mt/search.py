@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mt import fastpaths
 from mt.masks import padding_mask
 from mt.model import Transformer
 from mt.tokenizer import PAD
@@ -71,7 +72,7 @@ class CachedStepper:
         return self.model.decode_step(history[:, -1], self.cache)[0]
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
-        self.cache.reorder(index, sentences)
+        self.cache.reorder(index, sentences_changed=sentences is not None)
 
 
 class RecomputeStepper:
@@ -129,22 +130,9 @@ def stable_slots(parents: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(parents).scatter_(1, slot, extension)
 
 
-def _block_rows(rows: int, device: torch.device) -> int:
-    """How many of a search step's `rows` of (rows, V) logits its vocabulary-wide passes take at a time.
-
-    On the CPU a block's log-probabilities (80 x 8k vocabulary x 4 bytes: 2.5 MB) are still in the cache
-    when the next pass reads them; a whole decoding batch's (tens of MB) is not. A GPU takes the batch in one
-    block.
-    """
-    return 80 if device.type == "cpu" else max(1, rows)
-
-
 def best_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits -> the log-probability of each row's most probable token, and that token, (N,) each."""
-    block = _block_rows(logits.size(0), logits.device)
-    best = [logits[start : start + block].log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
-            for start in range(0, logits.size(0), block)]
-    return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
+    return logits.log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
 
 
 def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,37 +146,9 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
         (G, n) extension scores, best first, and their indices into the flattened (k * V) candidates.
     """
     G, k, V = logits.shape
-    groups = max(1, _block_rows(G * k, logits.device) // k)  # on a GPU: every sentence in one block
-    best = []
-    for start in range(0, G, groups):
-        log_probs = logits[start : start + groups].log_softmax(dim=-1, dtype=torch.float32)
-        candidates = log_probs.add_(scores[start : start + groups, :, None]).view(-1, k * V)
-        best.append(top_n(candidates, n))
-    return torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best])
-
-
-def top_n(x: torch.Tensor, n: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x.topk(n, dim=1)` of a wide (R, W) tensor on the CPU, from the maxima of chunks of its rows.
-
-    The n largest entries of a row lie in the n chunks with the largest maxima, so top-k runs over the chunk
-    maxima and then over those n chunks. torch's CPU top-k pairs every entry with its index before it
-    selects; a chunk maximum is a vectorised pass, and the two top-k passes see W / chunk and n * chunk
-    entries: on 16 sentences' 5 x 8,000 candidates, 2.7x faster than `topk` (scripts/bench_kernels.py,
-    BENCHMARKS.md). Ties may be broken differently from `topk`. Elsewhere (or on narrow rows) `topk` is used.
-    """
-    rows, width = x.shape
-    if x.device.type != "cpu" or width < 4 * n * chunk:
-        return x.topk(n, dim=1)
-    maxima = x.unfold(1, chunk, chunk).amax(dim=2)  # (R, W // chunk): full chunks
-    if width % chunk:  # the last, shorter chunk
-        maxima = torch.cat([maxima, x[:, width - width % chunk :].amax(dim=1, keepdim=True)], dim=1)
-    chunks = maxima.topk(n, dim=1).indices  # (R, n)
-    columns = (chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(rows, -1)
-    values = x.gather(1, columns.clamp(max=width - 1))
-    if width % chunk:
-        values.masked_fill_(columns >= width, float("-inf"))  # past the row's end
-    values, picked = values.topk(n, dim=1)
-    return values, columns.gather(1, picked).clamp_(max=width - 1)
+    log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (G, k, V)
+    candidates = log_probs.add_(scores[:, :, None]).view(G, k * V)
+    return fastpaths.topk(candidates, n)
 
 
 @torch.no_grad()

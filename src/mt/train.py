@@ -1,65 +1,38 @@
-"""Training: data preparation, the loss, the learning-rate schedule, the loop, validation and checkpoints.
+"""Training: the loss, the learning-rate schedule, validation and the loop, top to bottom.
 
-The schedule is the Transformer paper's (Vaswani et al., 2017, section 5.3) with the peak given directly:
-linear warmup to `train.lr`, then decay with the inverse square root of the step. The loss is label-smoothed
-cross-entropy (Szegedy et al., 2016) over the real (non-padding) target tokens only, so no output
-projection is spent on padding. `train.precision` says in which dtype the forward pass runs.
+`train` prepares the run folder and the data, then `Trainer.run` loops: cut the epoch into length-bucketed
+batches, take one update from each `train.accumulate` of them (`Trainer.step`), log, validate and save, and
+stop on `train.max_steps`, `max_epochs`, `max_minutes`, early stopping or a signal. The schedule is the
+Transformer paper's (Vaswani et al., 2017, section 5.3) with the peak given directly: linear warmup to
+`train.lr`, then decay with the inverse square root of the step. The loss is label-smoothed cross-entropy
+(Szegedy et al., 2016) over the real (non-padding) target tokens only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import json
 import logging
 import math
-import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.fx.experimental import _config as shapes_config
 from tqdm import tqdm
 
-from mt import checkpoint, corpora, distributed
-from mt.attention import check_kernel_order, fast_kernels
+from mt import checkpoint, distributed, fastpaths
 from mt.config import TUNE_BEAMS, TUNE_PENALTIES, Config, config_to_dict, load_run_config, save_config
-from mt.data import (
-    LAYOUTS,
-    Batch,
-    Layout,
-    PairTable,
-    batch_layout,
-    clean_pairs,
-    collate,
-    filter_pairs,
-    lengths,
-    load_corpus,
-    make_batches,
-    normalize_text,
-    tokenize,
-)
-from mt.devices import (
-    MasterWeights,
-    autocast,
-    autocast_dtype,
-    bf16_without_instructions,
-    resolve_device,
-    training_precision,
-)
-from mt.errors import CheckpointError, ConfigError, DataError, Interrupted, MtError
+from mt.data import LAYOUTS, Batch, Layout, PairTable, PreparedData, batch_layout, collate, make_batches, prepare_data
+from mt.devices import autocast, autocast_dtype, bf16_without_instructions, resolve_device, training_precision
+from mt.errors import DataError, Interrupted, MtError
 from mt.evaluate import bleu
-from mt.files import free_mib, write_bytes
 from mt.model import Transformer
-from mt.tokenizer import Tokenizer
 from mt.translate import translate_ids
 
 log = logging.getLogger(__name__)
@@ -88,272 +61,35 @@ class Progress:
     validated_step: int = -1  # the step of the last validation; -1: none yet, or an older run
 
 
-@dataclass
-class PreparedData:
-    tokenizer: Tokenizer
-    train: Any  # datasets.Dataset with src_ids / tgt_ids
-    valid: Any
-    src_len: np.ndarray
-    tgt_len: np.ndarray
-
-    @functools.cached_property
-    def valid_columns(self) -> dict[str, list]:
-        """The validation set as column lists, read from Arrow once per run rather than at every validation."""
-        return self.valid[:]
-
-
 def inverse_sqrt_schedule(step: int, warmup: int) -> float:
     """Multiplier of the peak learning rate at update `step` (1-based)."""
     step = max(step, 1)
     return min(step / warmup, math.sqrt(warmup / step))
 
 
-def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
-    """Creates (or, with `overwrite`, empties) the run folder, or checks it for `resume`.
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy of (N, V) logits against (N,) targets, and the summed NLL.
 
-    Raises:
-        MtError: if the folder exists and neither flag says what to do with it, if it holds files mt did not
-            write, or if the name is not a folder name.
+    The smoothed target distribution puts 1 - ε on the target token and ε / V on every token, so the loss is
+    (1 - ε) · NLL + ε · (mean over the vocabulary of -log p), as `F.cross_entropy(label_smoothing=ε)`.
     """
-    check_trainable(config)
-    run_dir = config.run_dir
-    if resume:
-        if not (run_dir / checkpoint.CONFIG).is_file():
-            raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {checkpoint.CONFIG})")
-        saved = load_run_config(run_dir / checkpoint.CONFIG)
-        # The tokenizer and the training data are the run's; how many processes read them, and mt eval's test
-        # set, are not.
-        free = ("data.workers:", "data.test:")
-        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)
-                 if not change.startswith(free)]
-        if fixed:
-            raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {checkpoint.CONFIG} "
-                              "against this config): resume with the run's own settings or train a new run")
-        # Longer or shorter is what a resume is for; any other change is worth a word.
-        stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
-        changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
-        changed += [c for c in _changes(saved, config, "train") if not c.startswith(stops)]
-        if changed:
-            log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
-        if changed := _changes(saved, config, "decode"):
-            log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
-                        "config's (%s): edit its %s to change it", run_dir, "; ".join(changed), checkpoint.CONFIG)
-        checkpoint.remove_partial_files(run_dir)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        foreign = checkpoint.foreign_files(run_dir)
-        if foreign:  # never delete what mt did not write
-            raise MtError(f"{run_dir} exists and holds files mt did not write ({', '.join(foreign[:3])}); choose "
-                          "another name with --set name=NEW or another runs_dir")
-        if not checkpoint.has_checkpoint(run_dir):  # an earlier start that stopped early: nothing to resume
-            log.info("%s holds no checkpoint (an earlier start stopped early): starting it again", run_dir)
-        elif not overwrite:
-            raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
-                          "start it again, or choose another name with --set name=NEW")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
+    nll = -log_probs.gather(1, target[:, None]).sum()
+    loss = (1.0 - smoothing) * nll - (smoothing / log_probs.size(-1)) * log_probs.sum()
+    return loss, nll.detach()
 
 
-def in_its_own_folder(config: Config, path: Path, overrides: Sequence[str] = ()) -> Config:
-    """`config`, read from `path`, set to resume the folder `path` is in when `path` is a run's own config.yaml
-    (one beside checkpoints) and that folder is not where its runs_dir and name point: a run copied or moved
-    elsewhere, or a relative runs_dir read from another folder. Unchanged for any other config, and when an
-    override names the run."""
-    folder = Path(os.path.abspath(path.parent))  # as given: a symlinked folder keeps its own name
-    named = {override.partition("=")[0].strip() for override in overrides}
-    if (path.name != checkpoint.CONFIG or not checkpoint.has_checkpoint(folder) or named & {"name", "runs_dir"}
-            or (config.run_dir.exists() and config.run_dir.samefile(folder))):
-        return config
-    log.info("resuming %s, the run folder of %s (its config names %s)", folder, path, config.run_dir)
-    return replace(config, name=folder.name, runs_dir=str(folder.parent))
+def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's summed label-smoothed loss and summed NLL over its real target tokens.
 
-
-def _changes(saved: Config, config: Config, section: str) -> list[str]:
-    """"section.key: saved → new" for each key of `section` whose value differs between the two configs."""
-    before, after = config_to_dict(saved)[section], config_to_dict(config)[section]
-    return [f"{section}.{key}: {before[key]} → {after[key]}" for key in before if before[key] != after[key]]
-
-
-def check_trainable(config: Config) -> None:
-    """What training needs of a config beyond what loading one checks (a saved run's config that fails here
-    still translates).
-
-    Raises:
-        ConfigError: for a run name that is not a folder name, sentences longer than the model's positions, or
-            an attention kernel order this torch cannot set.
+    `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so that
+    DDP sees the forward pass.
     """
-    if config.name in (".", "..") or any(c in config.name for c in "/\\"):
-        raise ConfigError(f"name must be a folder name, without '/' and not '.' or '..' (the run folder is "
-                          f"runs_dir/name), got {config.name!r}")
-    if config.model.max_positions <= config.data.max_tokens:  # + EOS or BOS
-        raise ConfigError(f"model.max_positions ({config.model.max_positions}) must exceed data.max_tokens "
-                          f"({config.data.max_tokens}): sentences get an EOS or BOS token")
-    check_kernel_order(config.train.attention)
-
-
-def _resolve(key: str, spec: Any, config: Config, fetch: bool = True):
-    """`corpora.resolve` for one corpus of the config; its errors name the config key."""
-    try:
-        return corpora.resolve(spec, config.data.src_lang, config.data.tgt_lang, fetch=fetch)
-    except DataError as e:
-        raise DataError(f"{key}: {e}") from None
-
-
-def prepare_data(config: Config, run_dir: Path) -> PreparedData:
-    """Reads, tokenizes and filters the corpora; trains the tokenizer unless the run already has one."""
-    import datasets
-
-    data = config.data
-    valid_files = _resolve("data.valid", data.valid, config)  # a typo fails before the long read
-    # mt eval's test set, checked now rather than after training; a corpus mt would download is not fetched yet
-    _resolve("data.test", data.test, config, fetch=False)
-    parts, names, cleaning = [], [], []
-    for spec, repeat in corpora.parse_corpus_list(data.train):
-        files = _resolve("data.train", spec, config)
-        plain = not isinstance(files, corpora.CorpusFiles) or str(files.src) in files.name  # a dataset, or paths
-        where = "" if plain else f" ({files.src}, {files.tgt})"
-        log.info("reading %s%s", files.name, where)
-        corpus = load_corpus(files, data.max_pairs)
-        if len(corpus) == 0:
-            raise DataError(f"training corpus {files.name} is empty")
-        corpus, report = clean_pairs(corpus, data.normalize, data.dedupe)
-        log.info("%s: %s%s", files.name, report.describe(), f"; repeated {repeat} times" if repeat > 1 else "")
-        parts += [corpus] * repeat
-        names.append(files.name + (f"*{repeat}" if repeat > 1 else ""))
-        cleaning.append({"corpus": files.name, "repeat": repeat, **asdict(report)})
-    train = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    valid = load_corpus(valid_files)
-    if len(valid) == 0:
-        raise DataError(f"validation corpus {valid_files.name} is empty")
-    if data.normalize:
-        valid = valid.map(_normalize_source, batched=True)
-    tokenizer_path = run_dir / checkpoint.TOKENIZER
-    if tokenizer_path.is_file():
-        tokenizer = Tokenizer.load(tokenizer_path)
-        log.info("reusing %s (%d pieces)", tokenizer_path, tokenizer.vocab_size)
-    else:
-        t = config.tokenizer
-        log.info("training a %s SentencePiece tokenizer of %d pieces", t.type, t.vocab_size)
-        sample = train
-        if 2 * len(train) > t.sample_sentences:  # a random sample of pairs: the corpus is never all in memory
-            picked = np.random.default_rng(config.train.seed).choice(len(train), t.sample_sentences // 2, replace=False)
-            sample = train.select(np.sort(picked))
-        tokenizer = Tokenizer.train(list(sample["src"]) + list(sample["tgt"]), t.vocab_size, t.type,
-                                    t.character_coverage, t.sample_sentences, seed=config.train.seed)
-        tokenizer.save(tokenizer_path)
-    cache = run_dir / checkpoint.CACHE
-    try:
-        train, report = filter_pairs(tokenize(train, tokenizer, data.workers, cache), data.max_tokens,
-                                     data.max_ratio, cache)
-        valid = tokenize(valid, tokenizer, cache=cache)
-    except OSError as e:  # datasets' and Arrow's writes name no file
-        raise DataError(f"cannot write the tokenized data to {cache}/: {e.strerror or e} "
-                        f"({free_mib(run_dir):,.0f} MiB free on its disk)") from None
-    log.info("training data: %s", report.describe())
-    if report.kept == 0:
-        raise DataError(f"no training pairs left after filtering {' + '.join(names)} "
-                        f"(data.max_tokens={data.max_tokens}, data.max_ratio={data.max_ratio})")
-    src_len, tgt_len = lengths(train)
-    stats = {"train": names, "valid": valid_files.name, "cleaning": cleaning, "filter": asdict(report),
-             "valid_pairs": len(valid), "vocab_size": tokenizer.vocab_size,
-             "train_src_tokens": int(src_len.sum()), "train_tgt_tokens": int(tgt_len.sum())}
-    write_bytes(run_dir / checkpoint.DATA_STATS, (json.dumps(stats, indent=2) + "\n").encode())
-    return PreparedData(tokenizer, train, valid, src_len, tgt_len)
-
-
-def _normalize_source(batch: dict[str, list[str]]) -> dict[str, list[str]]:
-    # Validation sources are normalised as translation input is; references stay as they are.
-    return {"src": [normalize_text(t) for t in batch["src"]]}
-
-
-def compiled(model: Transformer, **options) -> Transformer:
-    """`model` for training with each encoder and decoder layer compiled by torch.compile (`train.compile`);
-    `options` go to torch.compile.
-
-    It returns a view of `model`: the same parameters, buffers and modules, but layers that run compiled.
-    Validation and decoding use `model` itself, uncompiled. Regional compilation: the layers of a stack run the
-    same code, and torch.compile guards on a layer's class and settings, not on which layer it is, so one
-    encoder layer graph and one decoder layer graph serve all of them (tests/test_train.py). The whole
-    6+6-layer model of configs/multi30k-gpu.yaml had still not compiled after 390 s on an H100. The embedding,
-    the output projection and the loss stay eager.
-
-    Dynamic shapes: length-bucketed batches change their size and lengths at every step, and one graph with
-    symbolic sizes serves them all instead of a compilation per shape. The graphs keep the attention kernels
-    in force when they were traced (`train.attention`): torch.compile does not check them again.
-    """
-    view = copy.copy(model)
-    view._modules = dict(model._modules)  # its own list of children, so that replacing the layers leaves `model`'s
-    for stack in ("encoder_layers", "decoder_layers"):
-        layers = (_WithoutDuckSizing(torch.compile(layer, dynamic=True, **options)) for layer in getattr(model, stack))
-        setattr(view, stack, torch.nn.ModuleList(layers))
-    return view
-
-
-class _WithoutDuckSizing(torch.nn.Module):
-    """Calls a compiled module with duck sizing off, so that its graph is traced for every batch shape.
-
-    With it on, sizes that happen to be equal in the batch traced share one symbol: with configs/tiny.yaml, a
-    first batch whose source and target were both 44 positions long gave a graph for equal lengths only, and
-    the next batch compiled a second one (TORCH_LOGS=recompiles scripts/bench_levers.py names the guard).
-    tests/test_train.py checks that one graph serves such batches.
-    """
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, *args, **kwargs):
-        with _no_duck_sizing():
-            return self.net(*args, **kwargs)
-
-
-# Duck sizing off while torch.compile traces (a setting of torch.fx's symbolic shapes), where this torch has it;
-# asked once here, not at every training step.
-_no_duck_sizing = (functools.partial(shapes_config.patch, use_duck_shape=False)
-                   if hasattr(shapes_config, "use_duck_shape") else contextlib.nullcontext)
-
-
-def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float,
-            attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross-entropy and summed plain NLL over the batch's real target tokens, with
-    `attention` kernels first (`train.attention`).
-
-    `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so
-    that DDP sees the forward pass.
-    """
-    with fast_kernels(batch.src.device, attention):
-        logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only real positions
-    return SmoothedCrossEntropy.apply(logits, batch.tgt_out.flatten().index_select(0, batch.real), label_smoothing)
-
-
-class SmoothedCrossEntropy(torch.autograd.Function):
-    """Summed label-smoothed cross-entropy of logits (N, V) against targets (N,), and the summed NLL.
-
-    The target distribution q puts 1 - ε on the target token and ε / V on every token (ε = label smoothing),
-    as `F.cross_entropy(label_smoothing=ε)`. The backward pass is written out, since the gradient is simply
-    softmax(logits) - q: one pass over the (N, V) scores where autograd's chain (log-softmax, gather, sum,
-    conversion) took five: a CPU training step 1.18x faster (scripts/profile_step.py). The NLL is for logging.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float):
-        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        nll = -log_probs.gather(1, target[:, None]).sum()
-        loss = (1.0 - smoothing) * nll - (smoothing / log_probs.size(-1)) * log_probs.sum()
-        ctx.save_for_backward(log_probs, target)
-        ctx.smoothing, ctx.logits_dtype = smoothing, logits.dtype
-        ctx.mark_non_differentiable(nll)
-        return loss, nll
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        log_probs, target = ctx.saved_tensors
-        grad = log_probs.exp_()  # softmax, in place: the saved log-probabilities are not needed again
-        grad.sub_(ctx.smoothing / grad.size(-1))
-        grad[torch.arange(grad.size(0), device=grad.device), target] -= 1.0 - ctx.smoothing
-        return grad.mul_(grad_loss).to(ctx.logits_dtype), None, None
+    with fastpaths.attention_kernels(batch.src.device):
+        logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only the real target positions
+    target = batch.tgt_out.flatten().index_select(0, batch.real)  # (N,)
+    return fastpaths.label_smoothed_loss(logits, target, label_smoothing)
 
 
 @torch.no_grad()
@@ -372,7 +108,7 @@ def validate(model: Transformer, data: PreparedData, config: Config, device: tor
         chunk = order[start : start + 64]
         batch = collate([src_ids[i] for i in chunk], [tgt_ids[i] for i in chunk]).to(device)
         with autocast(device, amp):
-            _, nll = loss_fn(model, batch, 0.0, config.train.attention)
+            _, nll = loss_fn(model, batch, 0.0)
         total_nll += float(nll)
         total_tokens += batch.target_tokens
     n = config.train.valid_sentences or len(src_ids)
@@ -434,7 +170,7 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
     try:  # from here on the process group is torn down whatever happens: a rank left in it aborts at exit
         if ctx.is_main and resume and (config.run_dir / checkpoint.CONFIG).is_file():
             file_log = _log_to(config.run_dir, logger)  # first: what the resume changes goes into the log too
-        run_dir = _main_first(ctx, lambda: prepare_run_dir(config, resume, overwrite),
+        run_dir = _main_first(ctx, lambda: checkpoint.prepare_run_dir(config, resume, overwrite),
                               others=lambda: config.run_dir)
         if resume:  # the run's own decoding settings: mt tune may have chosen them
             config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
@@ -444,7 +180,10 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):  # said before the long read
             log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
                         "training goes on until Ctrl-C")
-        trainer = Trainer(config, run_dir, resume, ctx)
+        if ctx.is_main:
+            save_config(config, run_dir / checkpoint.CONFIG)
+        data = _main_first(ctx, lambda: prepare_data(config, run_dir))
+        trainer = Trainer(config, data, ctx, run_dir, resume)
         with _StopSignals() as signals:
             try:
                 trainer.run(signals, show_progress)
@@ -498,15 +237,19 @@ def _main_first(ctx: distributed.Context, make: Callable[[], Any], others: Calla
 
 
 class Trainer:
-    """The model, optimizer, data and progress of one run, and the loop that trains it."""
+    """The model, optimizer, data and progress of one run, and the loop that trains it.
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool, ctx: distributed.Context):
+    `run_dir` None makes a trainer that saves and records nothing: `mt bench` times its `step`.
+    """
+
+    def __init__(self, config: Config, data: PreparedData, ctx: distributed.Context, run_dir: Path | None = None,
+                 resume: bool = False):
         tc = self.tc = config.train
-        self.config, self.run_dir, self.ctx = config, run_dir, ctx
+        self.config, self.data, self.ctx, self.run_dir = config, data, ctx, run_dir
         self.device = resolve_device(config)
         if self.device.type == "cuda" and self.ctx.active:
             self.device = torch.device("cuda", self.ctx.local_rank)
-        self.amp = autocast_dtype(config, self.device)
+        self.amp = autocast_dtype(tc.precision, self.device)
         if bf16_without_instructions(config, self.device) and self.ctx.is_main:
             log.warning("train.precision is %s, but this CPU has no bf16 instructions (AVX512-BF16 or AMX): its bf16 "
                         "matrix products run hundreds of times slower than fp32; 'auto' trains in fp32 here",
@@ -514,13 +257,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        if self.ctx.is_main:
-            save_config(config, run_dir / checkpoint.CONFIG)
-        self.data = _main_first(self.ctx, lambda: prepare_data(config, run_dir))
-        self.model = Transformer(config.model, self.data.tokenizer.vocab_size).to(self.device)
-        # With bf16 weights, training runs on a bf16 copy; `self.model` holds the fp32 master weights.
-        self.master = MasterWeights(self.model) if tc.precision == "bf16-weights" else None
-        trained = self.master.work if self.master else self.model
+        self.model = Transformer(config.model, data.tokenizer.vocab_size).to(self.device)
         log.info("model: %s parameters, device %s, %s", f"{self.model.num_parameters():,}", self.device,
                  training_precision(config, self.amp))
         self.per_step = tc.accumulate * self.ctx.world  # batches per update, over all ranks
@@ -528,8 +265,7 @@ class Trainer:
             log.info("distributed: %d ranks × %d accumulated batches of %d tokens per update", self.ctx.world,
                      tc.accumulate, tc.batch_tokens)
         # The model as training calls it: its layers compiled, then wrapped by DDP when there are several ranks.
-        if tc.compile:
-            trained = compiled(trained)
+        trained = fastpaths.compiled(self.model) if tc.compile else self.model
         self.ddp = (torch.nn.parallel.DistributedDataParallel(
             trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.ctx.active else None)
@@ -542,7 +278,8 @@ class Trainer:
             # update on the device (`step`).
             lr=tc.lr, betas=tc.adam_betas, eps=1e-9, fused=True,
         )
-        self.tensorboard = _tensorboard_writer(run_dir) if tc.tensorboard and self.ctx.is_main else None
+        saves = run_dir is not None and self.ctx.is_main
+        self.tensorboard = _tensorboard_writer(run_dir) if tc.tensorboard and saves else None
         self.progress = Progress()
         if resume:
             self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
@@ -572,8 +309,6 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        if self.master:
-            self.master.weights_to_work()
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         if self.ctx.is_main:
@@ -617,58 +352,35 @@ class Trainer:
         return ""
 
     def run(self, signals: _StopSignals, show_progress: bool | None) -> None:
+        """Trains until a stopping condition or a signal, validating and saving on the way."""
         tc, p = self.tc, self.progress
         bar = tqdm(total=tc.max_steps or None, initial=p.step, unit="step", dynamic_ncols=True, desc="train",
                    disable=(not show_progress) if show_progress is not None else None)
         self.model.train()
         if p.step and (reason := self._stop_reason()):
             log.info("the run has already met %s: raise it with --set to train longer", reason)
-        window = _Window(self.device)
-        clock = time.perf_counter()
+        self.window = _Window(self.device)
+        self.clock = time.perf_counter()
         try:
-            while not self.finished():
-                batches = make_batches(self.data.src_len, self.data.tgt_len, tc.batch_tokens, seed=tc.seed + p.epoch,
-                                       layout=self.layout)
-                if len(batches) < self.per_step:
-                    raise DataError(f"the training data makes {len(batches)} batches, fewer than the {self.per_step} "
-                                    "an update takes (train.accumulate × ranks); lower train.accumulate or "
-                                    "train.batch_tokens")
-                for first in range(p.batch_in_epoch, len(batches) - self.per_step + 1, self.per_step):
-                    mine = first + self.ctx.rank * tc.accumulate  # this rank's share of the update
-                    loss, tokens, lr = self.step(batches[mine : mine + tc.accumulate])
-                    p.batch_in_epoch = first + self.per_step
-                    window.add(loss, tokens)
-                    now = time.perf_counter()  # training time includes validation: the wall time the run costs
-                    p.seconds, clock = p.seconds + now - clock, now
-                    bar.update(1)
-                    if p.step % tc.log_every == 0:
-                        self.check_nonfinite()
-                        record = {"step": p.step, "epoch": p.epoch + 1, **window.flush(self.ctx), "lr": lr,
-                                  "seconds": round(p.seconds, 1)}
-                        self.record(record)
-                        log.info("step %d, epoch %d: train loss %.3f, lr %.2e, %s target tokens/s", p.step,
-                                 p.epoch + 1, record["train_loss"], lr, f"{record['tokens_per_s']:,.0f}")
-                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}",
-                                        tok_s=f"{record['tokens_per_s']:.0f}", epoch=p.epoch + 1,
-                                        bleu=f"{max(p.best_bleu, 0):.1f}")
-                    # Rank 0 decides both at once: one message per step under DDP.
-                    finished, stop = distributed.from_main(self.ctx, (bool(self._stop_reason()), signals.received))
-                    if p.step % tc.valid_every == 0 or finished:
-                        self.validate_and_save()
-                        now = time.perf_counter()
-                        window.start += now - clock  # the window's tokens/s counts training time only
-                        p.seconds, clock = p.seconds + now - clock, now
-                        finished = self.finished()
-                    if stop:
-                        self.save_last()
-                        distributed.barrier(self.ctx)
-                        raise Interrupted(f"stopped by {stop} at step {p.step}; checkpoint saved. {self.resume_hint}")
-                    if finished:
-                        break
-                else:
-                    p.epoch += 1
-                    p.batch_in_epoch = 0
-                    log.info("epoch %d done at step %d", p.epoch, p.step)
+            for batches in self.updates():
+                loss, tokens, lr = self.step(batches)
+                self.window.add(loss, tokens)
+                self._count_time()
+                bar.update(1)
+                if p.step % tc.log_every == 0:
+                    self.log_training(lr, bar)
+                # Rank 0 decides both at once: one message per step under DDP.
+                finished, stop = distributed.from_main(self.ctx, (bool(self._stop_reason()), signals.received))
+                if p.step % tc.valid_every == 0 or finished:
+                    self.validate_and_save()
+                    self._count_time(validation=True)
+                    finished = self.finished()
+                if stop:
+                    self.save_last()
+                    distributed.barrier(self.ctx)
+                    raise Interrupted(f"stopped by {stop} at step {p.step}; checkpoint saved. {self.resume_hint}")
+                if finished:
+                    break
         except KeyboardInterrupt:  # a second signal: stop at once, keeping the last checkpoint
             raise Interrupted(f"stopped at once at step {p.step}; the last saved checkpoint is kept. "
                               f"{self.resume_hint}") from None
@@ -680,6 +392,45 @@ class Trainer:
             self.average_checkpoints(tc.average_last)
         log.info("done: %d steps in %.0f s; best valid BLEU %.2f at step %d", p.step, p.seconds, p.best_bleu,
                  p.best_step)
+
+    def updates(self) -> Iterator[list[np.ndarray]]:
+        """The batches (as row indices) of this rank's share of each update, epoch after epoch, from where the
+        run stands, while no stopping condition is met."""
+        tc, p = self.tc, self.progress
+        while not self.finished():
+            batches = make_batches(self.data.src_len, self.data.tgt_len, tc.batch_tokens, seed=tc.seed + p.epoch,
+                                   layout=self.layout)
+            if len(batches) < self.per_step:
+                raise DataError(f"the training data makes {len(batches)} batches, fewer than the {self.per_step} "
+                                "an update takes (train.accumulate × ranks); lower train.accumulate or "
+                                "train.batch_tokens")
+            for first in range(p.batch_in_epoch, len(batches) - self.per_step + 1, self.per_step):
+                mine = first + self.ctx.rank * tc.accumulate  # this rank's share of the update
+                p.batch_in_epoch = first + self.per_step
+                yield batches[mine : mine + tc.accumulate]
+            p.epoch += 1
+            p.batch_in_epoch = 0
+            log.info("epoch %d done at step %d", p.epoch, p.step)
+
+    def _count_time(self, validation: bool = False) -> None:
+        """Adds the time since the last call to the run's training time (validation included: the wall time
+        the run costs); the speed window counts training steps only."""
+        now = time.perf_counter()
+        if validation:
+            self.window.start += now - self.clock
+        self.progress.seconds, self.clock = self.progress.seconds + now - self.clock, now
+
+    def log_training(self, lr: float, bar: tqdm) -> None:
+        """Logs the loss and speed since the last log to metrics.jsonl, train.log and the progress bar."""
+        p = self.progress
+        self.check_nonfinite()
+        record = {"step": p.step, "epoch": p.epoch + 1, **self.window.flush(self.ctx), "lr": lr,
+                  "seconds": round(p.seconds, 1)}
+        self.record(record)
+        log.info("step %d, epoch %d: train loss %.3f, lr %.2e, %s target tokens/s", p.step, p.epoch + 1,
+                 record["train_loss"], lr, f"{record['tokens_per_s']:,.0f}")
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        epoch=p.epoch + 1, bleu=f"{max(p.best_bleu, 0):.1f}")
 
     def step(self, batch_indices: list[np.ndarray]) -> tuple[torch.Tensor, int, float]:
         """One update from `accumulate` batches. Returns the summed loss (a tensor: reading it would wait
@@ -706,15 +457,13 @@ class Trainer:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
-                with sync, autocast(self.device, None if self.master else self.amp):
-                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing, tc.attention)
+                with sync, autocast(self.device, self.amp):
+                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
                 (loss * scale).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError:
             raise MtError(f"CUDA out of memory at step {p.step + 1} with train.batch_tokens={tc.batch_tokens}; "
                           "lower train.batch_tokens (and raise train.accumulate to keep the batch size)") from None
-        if self.master:
-            self.master.grads_to_master()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm or float("inf"))
         # A non-finite gradient skips the update on the device: fused AdamW reads `found_inf` (the mechanism
         # torch's GradScaler uses), so the host never waits for the norm. `check_nonfinite` reads the count
@@ -724,10 +473,12 @@ class Trainer:
         self.optimizer.step()
         self.nonfinite.add(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.master:
-            self.master.weights_to_work()
         p.step += 1
         return total, tokens, lr
+
+    def one_batch_step(self, batch_indices: np.ndarray) -> None:
+        """An update from one batch (`mt bench`)."""
+        self.step([batch_indices])
 
     def check_nonfinite(self) -> None:
         """Reports the updates skipped for a non-finite gradient since the last check.

@@ -7,7 +7,7 @@ size), so that little of each batch is padding; results come back in the input o
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mt import checkpoint
-from mt.attention import fast_kernels
+from mt import checkpoint, fastpaths
 from mt.config import Config, DecodeConfig, load_run_config
 from mt.data import check_text, collate, normalize_text
 from mt.devices import autocast, autocast_dtype, pick_device
-from mt.errors import CheckpointError, ConfigError
+from mt.errors import CheckpointError, ConfigError, MtError
 from mt.model import Transformer
 from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
@@ -46,8 +45,8 @@ def translate_ids(
     """
     model.eval()
     device = next(model.parameters()).device
-    with fast_kernels(device), autocast(device, amp), tqdm(total=len(sources), unit="sent", desc=progress,
-                                                           disable=None if progress else True, leave=False) as bar:
+    bar = tqdm(total=len(sources), unit="sent", desc=progress, disable=None if progress else True, leave=False)
+    with fastpaths.attention_kernels(device), autocast(device, amp), bar:
         return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar)
 
 
@@ -165,8 +164,10 @@ class Translator:
             detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
             raise CheckpointError(f"{path} does not match the model that {run_dir / checkpoint.CONFIG} describes "
                                   f"(was its model section edited?): {detail[:300]}") from None
+        # The one place where translation's device and precision are chosen.
         device = pick_device(device, "--device")
-        return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config, device), weights=path)
+        return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config.decode.precision, device),
+                   weights=path)
 
     def translate(self, texts: Sequence[str], beam_size: int | None = None,
                   length_penalty: float | None = None) -> list[str]:
@@ -236,3 +237,21 @@ class Translation:
     text: str
     score: float
     tokens: list[int]
+
+
+def in_chunks(lines: Iterable[str], size: int = 64) -> Iterator[list[str]]:
+    """`lines` in lists of `size`, each given as soon as it is full: a stream is translated as it arrives. A
+    line that fails to read (a DataError) comes after the lines before it, which are given first."""
+    chunk: list[str] = []
+    try:
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except MtError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk

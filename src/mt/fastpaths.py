@@ -1,0 +1,138 @@
+"""Speed-ups that are not written in the tutorial's plain style, each beside the plain path it replaces.
+
+Every function here computes what its plain counterpart computes (tests/test_fastpaths.py checks each one),
+only faster on some machine. They are switched on and off in one place, `ENABLED`: `mt bench --plain` and
+the tests run the plain paths. A speed-up stays here only while it wins at least 5 % end to end on a machine
+class in BENCHMARKS.md; the figures are there, not here.
+
+- `attention_kernels`: which of torch's fused attention kernels run (math on the CPU; never cuDNN on CUDA).
+- `SmoothedCrossEntropy`: the label-smoothed loss with its gradient written out in one pass.
+- `topk`: top-k of a wide row on the CPU from the maxima of chunks of it.
+- `compiled`: each encoder and decoder layer compiled by torch.compile (`train.compile`; GPU only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import torch
+from torch.fx.experimental import _config as shapes_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ENABLED = True
+"""Whether the fast paths run; False runs the plain path of each (`mt bench --plain`, tests)."""
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """The kernels `F.scaled_dot_product_attention` may use while training or translating on `device`.
+
+    On the CPU the math kernel, whose backward pass is a few batched matrix products, beats the flash kernel
+    on sentences of a few dozen tokens. On CUDA flash first, then memory-efficient, never cuDNN: cuDNN builds
+    an execution graph for every new shape of its inputs, and length-bucketed batches and decoding steps bring
+    new shapes all the time.
+    """
+    if not ENABLED or device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        return sdpa_kernel([SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy of (N, V) logits against (N,) targets, and the summed NLL.
+
+    The plain path is `mt.train.label_smoothed_loss`; this one runs `SmoothedCrossEntropy` when enabled.
+    """
+    if not ENABLED:
+        from mt.train import label_smoothed_loss as plain
+
+        return plain(logits, target, smoothing)
+    return SmoothedCrossEntropy.apply(logits, target, smoothing)
+
+
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """`mt.train.label_smoothed_loss` with its backward pass written out.
+
+    The gradient of label-smoothed cross-entropy is simply softmax(logits) - q, where q is the smoothed
+    target distribution: one pass over the (N, V) scores, where autograd's chain (log-softmax, gather, sum,
+    conversion) takes five.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float):
+        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        nll = -log_probs.gather(1, target[:, None]).sum()
+        loss = (1.0 - smoothing) * nll - (smoothing / log_probs.size(-1)) * log_probs.sum()
+        ctx.save_for_backward(log_probs, target)
+        ctx.smoothing, ctx.logits_dtype = smoothing, logits.dtype
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
+        log_probs, target = ctx.saved_tensors
+        grad = log_probs.exp_()  # softmax, in place: the saved log-probabilities are not needed again
+        grad.sub_(ctx.smoothing / grad.size(-1))
+        grad[torch.arange(grad.size(0), device=grad.device), target] -= 1.0 - ctx.smoothing
+        return grad.mul_(grad_loss).to(ctx.logits_dtype), None, None
+
+
+def topk(x: torch.Tensor, n: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(n, dim=1)` of a wide (R, W) tensor: beam search's n best of beams × vocabulary candidates.
+
+    On the CPU it works from the maxima of chunks of each row: the n largest entries lie in the n chunks
+    with the largest maxima, so top-k runs over the chunk maxima, then over those n chunks. torch's CPU
+    top-k pairs every entry with its index before it selects; a chunk maximum is one vectorised pass. Ties
+    may be broken differently from `topk`.
+    """
+    rows, width = x.shape
+    if not ENABLED or x.device.type != "cpu" or width < 4 * n * chunk:
+        return x.topk(n, dim=1)
+    maxima = x.unfold(1, chunk, chunk).amax(dim=2)  # (R, W // chunk): the full chunks
+    if width % chunk:  # the last, shorter chunk
+        maxima = torch.cat([maxima, x[:, width - width % chunk :].amax(dim=1, keepdim=True)], dim=1)
+    chunks = maxima.topk(n, dim=1).indices  # (R, n)
+    columns = (chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(rows, -1)  # (R, n * chunk)
+    values = x.gather(1, columns.clamp(max=width - 1))
+    if width % chunk:
+        values.masked_fill_(columns >= width, float("-inf"))  # past the row's end
+    values, picked = values.topk(n, dim=1)
+    return values, columns.gather(1, picked).clamp_(max=width - 1)
+
+
+def compiled(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """`model` with each encoder and decoder layer compiled by torch.compile, for training (`train.compile`).
+
+    It returns a view of `model`: the same parameters, buffers and modules, with layers that run compiled;
+    validation and decoding use `model` itself. The layers of a stack run the same code, and torch.compile
+    guards on a layer's class and settings, not on which layer it is, so one graph serves every layer of a
+    stack. Shapes are dynamic, since length-bucketed batches change size at every step, and duck sizing is
+    off, so that two sizes that happen to be equal in the first batch do not share one symbol in the graph.
+    """
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # its own children, so that replacing the layers leaves `model`'s
+    for stack in ("encoder_layers", "decoder_layers"):
+        layers = (_WithoutDuckSizing(torch.compile(layer, dynamic=True, **options)) for layer in getattr(model, stack))
+        setattr(view, stack, torch.nn.ModuleList(layers))
+    return view
+
+
+class _WithoutDuckSizing(torch.nn.Module):
+    """Calls a compiled module with duck sizing off (see `compiled`)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        with _no_duck_sizing():
+            return self.net(*args, **kwargs)
+
+
+_no_duck_sizing = (functools.partial(shapes_config.patch, use_duck_shape=False)
+                   if hasattr(shapes_config, "use_duck_shape") else contextlib.nullcontext)
+

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Training speed of several commits side by side: `mt bench --no-decode --no-reference` of each commit in turn,
-# round after round, in one run, so that the machine's drift falls on all of them alike. Each commit is
-# checked out in a temporary worktree, with its own config file, and run with this checkout's virtualenv.
-# Prints each run's roof, target tokens/s, MFU and peak RSS, then each commit's mean tokens/s and its ratio
-# to the first commit's.
+# Speed of several commits side by side: `mt bench --no-reference` of each commit in turn, round after round,
+# in one run, so that the machine's drift falls on all of them alike. Each commit is checked out in a
+# temporary worktree, with its own config file, and run with this checkout's virtualenv.
+# Training (the default): `--no-decode`; prints each run's roof, target tokens/s, MFU and peak RSS, then each
+# commit's mean tokens/s and its ratio to the first commit's.
+# Decoding (`--decode`, needs `--run`, a run every commit can load): beam 5 sentences/s of the run's model on
+# `--sentences` test sentences instead, and their means and ratios.
 #
 # Usage: MT_DATA_PATH=../shared/data scripts/ab_train.sh [--rounds 2] [--seconds 30] [--run RUN]
-#            [--config configs/multi30k.yaml] REV [REV ...]
+#            [--decode] [--sentences 500] [--config configs/multi30k.yaml] REV [REV ...]
 set -euo pipefail
 
-rounds=2 seconds=30 run="" config=configs/multi30k.yaml
+rounds=2 seconds=30 run="" config=configs/multi30k.yaml decode=0 sentences=500
 revs=()
 while (($#)); do
   case $1 in
@@ -17,10 +19,14 @@ while (($#)); do
     --seconds) seconds=$2; shift 2 ;;
     --run) run=$2; shift 2 ;;
     --config) config=$2; shift 2 ;;
+    --decode) decode=1; shift ;;
+    --sentences) sentences=$2; shift 2 ;;
     *) revs+=("$1"); shift ;;
   esac
 done
-((${#revs[@]})) || { echo "usage: $0 [--rounds N] [--seconds S] [--run RUN] [--config C] REV [REV ...]" >&2; exit 2; }
+((${#revs[@]})) || { echo "usage: $0 [--rounds N] [--seconds S] [--run RUN] [--decode] [--sentences N] [--config C]" \
+  "REV [REV ...]" >&2; exit 2; }
+((decode == 0)) || [[ -n $run ]] || { echo "$0: --decode times the model of --run RUN" >&2; exit 2; }
 
 root=$(git rev-parse --show-toplevel)
 for rev in "${revs[@]}"; do
@@ -33,7 +39,13 @@ if [[ -n ${MT_DATA_PATH:-} ]]; then  # the runs start in the worktrees: make rel
   MT_DATA_PATH=$(tr ':' '\n' <<<"$MT_DATA_PATH" | while read -r d; do realpath -m "$d"; done | paste -sd:)
   export MT_DATA_PATH
 fi
-args=(--config "$config" --no-decode --no-reference --seconds "$seconds")
+args=(--config "$config" --no-reference --seconds "$seconds")
+row="train ours: target tokens/s" unit="tok/s"
+if ((decode)); then
+  args+=(--sentences "$sentences" --rounds 2) row="beam 5 ours (KV cache): sentences/s" unit="sent/s"
+else
+  args+=(--no-decode)
+fi
 [[ -n $run ]] && args+=(--run "$(realpath "$run")")
 
 for i in "${!revs[@]}"; do
@@ -43,12 +55,13 @@ done
 for round in $(seq "$rounds"); do
   for i in "${!revs[@]}"; do
     out=$(cd "$work/$i" && PYTHONPATH="$work/$i/src" python -m mt bench "${args[@]}" 2>&1) || { echo "$out" >&2; exit 1; }
-    tokens=$(grep "train ours: target tokens/s" <<<"$out" | awk -F'|' '{gsub(/[ ,]/, "", $3); print $3}')
+    tokens=$(grep -F "$row" <<<"$out" | awk -F'|' '{gsub(/[ ,]/, "", $3); print $3}')
     summary=$( (grep -m1 "roof:" <<<"$out"; grep -E "train ours: (MFU|peak)" <<<"$out") \
       | awk -F'|' '{for (f = 2; f <= 4; f++) gsub(/^ +| +$/, "", $f); printf " %s %s %s;", $2, $3, $4}')
-    echo "round $round, ${revs[$i]}: $tokens tok/s;$summary"
+    echo "round $round, ${revs[$i]}: $tokens $unit;$summary"
     echo "$i $tokens" >>"$work/tokens"
   done
 done
-awk '{sum[$1] += $2; n[$1]++} END {for (i = 0; i in n; i++) {mean = sum[i] / n[i]; if (i == 0) first = mean;
-  printf "%d: mean %.0f tok/s over %d rounds, %.3fx the first\n", i, mean, n[i], mean / first}}' "$work/tokens"
+awk -v unit="$unit" '{sum[$1] += $2; n[$1]++} END {for (i = 0; i in n; i++) {mean = sum[i] / n[i];
+  if (i == 0) first = mean; printf "%d: mean %.1f %s over %d rounds, %.3fx the first\n", i, mean, unit, n[i],
+  mean / first}}' "$work/tokens"

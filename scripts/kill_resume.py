@@ -1,8 +1,9 @@
 """Kills a training run with SIGKILL at random moments, resumes it each time, and checks nothing is lost.
 
-After every kill, every checkpoint in the run folder must load; at the end the run must reach its last step,
-and its metrics.jsonl must hold each validation once. Prints the number of kills survived and of checkpoint
-files lost (which must be 0).
+After every kill, every checkpoint in the run folder must load; every third kill also damages last.pt in place
+(truncated or zero-filled), and the newest numbered checkpoint must still load. At the end the run must reach
+its last step, and its metrics.jsonl must hold each validation once. Prints the number of kills survived and
+of checkpoint files lost (which must be 0).
 
 Usage: MT_DATA_PATH=../shared/data python scripts/kill_resume.py [--kills 10] [--steps 400] [--seed 0]
 """
@@ -45,10 +46,11 @@ def main() -> int:
     data_path = [str(Path(p).resolve()) for p in os.environ.get("MT_DATA_PATH", "").split(os.pathsep) if p]
     env = {**os.environ, "MT_DATA_PATH": os.pathsep.join(data_path)}
     survived = lost = 0
+    damaged = None  # (size, modification time) of the last.pt this script damaged
     for kill in range(1, args.kills + 1):
-        started = any(run_dir.glob("*.pt"))
-        process = subprocess.Popen(command + (["--resume"] if started else ["--overwrite"]), cwd=workdir, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # --resume from the first start on, as a preemptible job runs it: it also starts a run not begun yet.
+        process = subprocess.Popen(command + ["--resume"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
         wait = rng.uniform(args.min_wait, args.max_wait)
         time.sleep(wait)
         if process.poll() is not None:
@@ -58,6 +60,8 @@ def main() -> int:
         process.wait()
         bad = []
         for path in sorted(run_dir.glob("*.pt")):
+            if path.name == checkpoint.LAST and _stamp(path) == damaged:  # as this script left it: not a loss
+                continue
             try:
                 checkpoint.load(path)
             except CheckpointError as e:
@@ -67,6 +71,15 @@ def main() -> int:
         step = _step(run_dir)
         print(f"kill {kill} after {wait:.1f} s: newest checkpoint at step {step}; "
               f"{len(bad)} unreadable" + (f": {bad}" if bad else ""))
+        if kill % 3 == 0 and (run_dir / checkpoint.LAST).is_file():  # last.pt damaged in place, as a crashed
+            damage = "truncated" if kill % 2 else "zero-filled"  # copy tool or an editor leaves it
+            size = (run_dir / checkpoint.LAST).stat().st_size
+            with open(run_dir / checkpoint.LAST, "r+b") as f:
+                f.truncate(0) if damage == "truncated" else f.write(bytes(size))
+            damaged = _stamp(run_dir / checkpoint.LAST)
+            fallback = _step(run_dir)
+            print(f"  last.pt {damage} in place: the newest numbered checkpoint gives step {fallback}")
+            lost += fallback is None
     final = subprocess.run(command + ["--resume"], cwd=workdir, env=env, capture_output=True, text=True)
     step = _step(run_dir)
     validated = [r["step"] for r in checkpoint.read_metrics(run_dir) if "valid_bleu" in r and "averaged" not in r]
@@ -77,6 +90,11 @@ def main() -> int:
     print("OK" if ok else "FAILED: " + final.stderr.strip()[-500:])
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _step(run_dir: Path) -> int | None:

@@ -80,3 +80,14 @@ def write_pair(folder: Path, name: str, src: list[str], tgt: list[str]) -> tuple
     for path, lines in zip(paths, (src, tgt), strict=True):
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return paths
+
+
+def one_line_error(result, pattern):
+    """Exit code 2, no traceback, and the error on one line (after any progress messages)."""
+    import re
+
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert re.search(pattern, errors[0]), errors[0]

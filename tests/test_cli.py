@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, write_pair
+from conftest import ROOT, one_line_error, write_pair
 from mt import checkpoint
 from mt.cli import app
 from mt.errors import DataError
@@ -84,17 +84,6 @@ def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
     src, ref = write_pair(trained / "own", "t", ["Un chien.", "Un chat."], ["A dog.", "A cat."])
     result = run("eval", "--src", src, "--ref", ref, "--json", "--beam", 1)
     assert json.loads(result.stdout)[0]["sentences"] == 2
-
-
-def one_line_error(result, pattern):
-    """Exit code 2, no traceback, and the error on one line (after any progress messages)."""
-    import re
-
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output
-    assert re.search(pattern, errors[0]), errors[0]
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -172,7 +161,11 @@ def test_a_start_that_failed_early_is_started_again_and_a_trained_run_is_kept(in
         patch.setattr("mt.data.load_corpus", lambda *a, **k: pytest.fail("read a corpus first"))
         one_line_error(run("train", "--config", TINY, "--set", "data.valid={src: nope.fr, tgt: nope.en}"),
                        r"data\.valid: corpus file not found: nope\.fr")
-    assert (in_tmp / "runs" / "tiny" / "config.yaml").is_file()  # what the failed start left: no checkpoint
+    assert not (in_tmp / "runs" / "tiny").exists()  # checked before the run folder is made
+    from mt.config import load_config, save_config
+
+    (in_tmp / "runs" / "tiny" / "cache").mkdir(parents=True)  # what a start killed in its tokenizer leaves
+    save_config(load_config(TINY), in_tmp / "runs" / "tiny" / "config.yaml")
     short = ["--set", "train.max_steps=2", "--set", "train.valid_every=2"]
     result = run("train", "--config", TINY, *short)  # the corrected command, as it was
     assert result.exit_code == 0, result.output
@@ -201,7 +194,8 @@ def test_a_test_set_typo_fails_before_training_and_no_test_set_is_downloaded(in_
 def test_training_goes_on_when_the_reader_of_its_log_goes_away(tmp_path, data_path):
     process = subprocess.Popen(  # `mt train ... 2>&1 | head -1`
         [sys.executable, "-m", "mt", "train", "--config", TINY, "--set", "train.log_every=1", "--set",
-         "train.max_steps=30"], cwd=tmp_path, env={**os.environ, "MT_DATA_PATH": str(data_path)},
+         "train.max_steps=30", "--set", "data.max_pairs=300"], cwd=tmp_path,
+        env={**os.environ, "MT_DATA_PATH": str(data_path)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout.readline()
     process.stdout.close()
@@ -236,7 +230,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(in_tmp):
 
     process = subprocess.Popen(
         [sys.executable, "-m", "mt", "train", "--config", TINY, "--quiet", "--set", "train.max_steps=100000",
-         "--set", "train.log_every=1", "--set", "train.valid_every=100000"],
+         "--set", "train.log_every=1", "--set", "train.valid_every=100000", "--set", "data.max_pairs=300"],
         stderr=subprocess.PIPE, text=True,
     )
     metrics = in_tmp / "runs" / "tiny" / "metrics.jsonl"
@@ -279,11 +273,17 @@ def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path
     assert f"run saved in {link}" in result.stdout
     assert checkpoint.load(link / "last.pt")["progress"]["step"] == step + 2
     assert sorted(p.name for p in original.iterdir()) == before
-    # A config.yaml beside no checkpoint is no run's: --resume goes where it points (runs/tiny-2, not there).
+    # A config.yaml beside no checkpoint is no run's: --resume goes where it points (runs/tiny-2, not there),
+    # and starts that run, which does not exist yet.
     mine = tmp_path / "mine" / "config.yaml"
     mine.parent.mkdir()
-    mine.write_text((original / "config.yaml").read_text().replace("name: tiny\n", "name: tiny-2\n"))
-    one_line_error(run("train", "--config", mine, "--resume"), r"cannot resume: runs/tiny-2 is not a run folder")
+    mine.write_text((original / "config.yaml").read_text().replace("name: tiny\n", "name: tiny-2\n")
+                    .replace("max_steps: 60\n", "max_steps: 2\n"))
+    result = run("train", "--config", mine, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "runs/tiny-2 does not exist yet: --resume starts the run" in result.stderr
+    assert (trained / "runs" / "tiny-2" / "last.pt").is_file() and sorted(p.name for p in mine.parent.iterdir()) == [
+        "config.yaml"]
 
 
 def test_average_and_tune(trained, monkeypatch, data_path):
@@ -452,14 +452,16 @@ def test_plot_runs_and_info(trained, monkeypatch):
          r"tokenizer\.vocab_size=90000 is too large"),
         (lambda d: (d / "runs" / "x").mkdir(parents=True), ["translate", "--run", "runs/x", "Bonjour."],
          r"runs/x is not a run folder: it has no config\.yaml"),
-        (lambda d: None, ["train", "--config", TINY, "--resume"], r"cannot resume: runs/tiny is not a run folder"),
+        (lambda d: (d / "runs" / "tiny").mkdir(parents=True) or (d / "runs" / "tiny" / "x").write_text("x"),
+         ["train", "--config", TINY, "--resume"], r"cannot resume runs/tiny: it is not a run folder \(no config"),
         (lambda d: write_pair(d, "e", [], []),
          ["train", "--config", TINY, "--set", "data.train={src: e.fr, tgt: e.en}"],
          r"training corpus e\.fr \| e\.en is empty"),
         (lambda d: write_pair(d, "e", [], []),
          ["train", "--config", TINY, "--set", "data.valid={src: e.fr, tgt: e.en}"],
          r"validation corpus e\.fr \| e\.en is empty"),
-        (lambda d: run("train", "--config", TINY, "--set", "data.valid={src: no.fr, tgt: no.en}"),  # what it leaves
+        (lambda d: (d / "runs" / "tiny").mkdir(parents=True) or (d / "runs" / "tiny" / "config.yaml").write_text(
+            (ROOT / "configs" / "tiny.yaml").read_text()),  # what a start killed before its tokenizer leaves
          ["average", "--run", "runs/tiny"], r"runs/tiny holds no trained model \(no tokenizer\.model, no checkpoint\)"),
     ],
     ids=["missing-config", "missing-corpus", "non-utf8", "empty-after-filtering", "vocab-too-large",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = ["train.max_steps=8", "train.log_every=2", "train.valid_every=4", "train.valid_sentences=10",
-         "train.batch_tokens=600"]
+         "train.batch_tokens=600", "data.max_pairs=600"]
 
 
 def mt_train(folder, launcher, *overrides, resume=False):

@@ -324,9 +324,18 @@ def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
-@pytest.mark.parametrize("has_bf16", [False, True])
-def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(in_tmp, monkeypatch, caplog, has_bf16):
-    monkeypatch.setattr("mt.devices.cpu_has_bf16", lambda: has_bf16)
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(in_tmp, monkeypatch, caplog):
+    monkeypatch.setattr("mt.devices.cpu_has_bf16", lambda: False)
     train(load_config(TINY, short("bf16", 2) + ["train.precision=bf16", "train.device=cpu"]),
           show_progress=False)
-    assert ("this CPU has no bf16 instructions" in caplog.text) == (not has_bf16)
+    assert "this CPU has no bf16 instructions" in caplog.text
+
+
+def test_bf16_is_asked_for_in_vain_only_on_a_cpu_without_bf16_instructions(monkeypatch):
+    from mt.devices import bf16_without_instructions
+
+    config = load_config(TINY, ["train.precision=bf16"])
+    for has_bf16 in (False, True):
+        monkeypatch.setattr("mt.devices.cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert bf16_without_instructions(config, torch.device("cpu")) == (not has_bf16)
+    assert not bf16_without_instructions(load_config(TINY), torch.device("cpu"))  # auto: fp32 there

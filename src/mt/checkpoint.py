@@ -17,14 +17,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import functools
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Sequence
-from dataclasses import replace
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +68,12 @@ def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = Fals
 
 
 def save_numbered(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> None:
-    """Saves `state` as last.pt and as step_<step>.pt (a hard link: no second write), keeping the newest
-    `keep` numbered checkpoints."""
-    last = run_dir / LAST
-    save(state, last)
-    numbered = run_dir / f"step_{step:07d}.pt"
-    tmp = run_dir / f".{numbered.name}.link"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(last, tmp)
-        os.replace(tmp, numbered)
-    except OSError:  # file systems without hard links
-        save(state, numbered)
+    """Saves `state` as step_<step>.pt and as last.pt, keeping the newest `keep` numbered checkpoints.
+
+    Each is written in full, not linked: a numbered checkpoint is the fallback of last.pt, and must not share
+    its bytes with the file it backs up (a truncation of last.pt in place would truncate both)."""
+    save(state, run_dir / f"step_{step:07d}.pt")
+    save(state, run_dir / LAST)
     for old in numbered_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
 
@@ -118,16 +115,27 @@ def numbered_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("step_*.pt"), reverse=True)
 
 
-def load_newest_valid(run_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Loads last.pt, or, when it is missing or corrupt, the newest numbered checkpoint that loads.
+RESUMABLE = ("model", "optimizer", "progress", "rng")  # what last.pt and step_*.pt hold, and best.pt does not
+
+
+def load_newest_valid(run_dir: Path, map_location: str | torch.device = "cpu",
+                      accept: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Loads last.pt, or, when it is missing, corrupt, not a resumable checkpoint or refused by `accept` (which
+    raises a CheckpointError for a state it cannot use, e.g. another model's), the newest numbered checkpoint
+    that passes.
 
     Raises:
-        CheckpointError: if no checkpoint of the run loads.
+        CheckpointError: if no checkpoint of the run passes.
     """
     problems = []
     for path in [run_dir / LAST, *numbered_checkpoints(run_dir)]:
         try:
             state = load(path, map_location)
+            if missing := [key for key in RESUMABLE if key not in state]:
+                raise CheckpointError(f"{path} lacks {', '.join(missing)}: a checkpoint to translate with (best.pt?), "
+                                      "not one to resume from")
+            if accept is not None:
+                accept(state)
         except CheckpointError as e:
             problems.append(str(e))
             continue
@@ -226,19 +234,81 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+EVAL_INDEX = "index.json"  # in eval/: the hypothesis files mt eval wrote, and the source each translates
+
+
 def foreign_files(run_dir: Path) -> list[str]:
-    """The names in `run_dir`, and in the folders mt writes into it, that `mt` does not write there: a folder
-    holding any is not deleted."""
-    ours = {CONFIG, TOKENIZER, LAST, BEST, AVERAGED, METRICS, DATA_STATS, LOG, CACHE, "eval", "tensorboard"}
+    """The names in `run_dir`, and in the folders mt writes into it, that `mt` did not write: a folder holding
+    any is never deleted.
+
+    mt's own are its files (config.yaml, tokenizer.model, last.pt, best.pt, averaged.pt, step_*.pt,
+    metrics.jsonl, data.json, train.log, and temporary files of a save cut short), the tokenized data in cache/
+    (Arrow files named by their fingerprint), TensorBoard's event files in tensorboard/, and in eval/ the
+    hypotheses that eval/index.json lists."""
+    ours = {CONFIG, TOKENIZER, LAST, BEST, AVERAGED, METRICS, DATA_STATS, LOG}
     foreign = [p.name for p in run_dir.iterdir()
-               if p.name not in ours and not fnmatch.fnmatch(p.name, "step_*.pt")
-               and not fnmatch.fnmatch(p.name, ".*.tmp") and not fnmatch.fnmatch(p.name, ".*.link")]
-    # mt's own files in its folders: eval's hypotheses (test.beam5.en) and TensorBoard's event files
-    for folder, pattern in (("eval", "*.beam*.*"), ("tensorboard", "events.out.tfevents.*")):
+               if not (p.name in ours and p.is_file()) and p.name not in (CACHE, "eval", "tensorboard")
+               and not fnmatch.fnmatch(p.name, "step_*.pt") and not fnmatch.fnmatch(p.name, ".*.tmp")]
+    written = set(read_eval_index(run_dir / "eval")) | {EVAL_INDEX}
+    for folder, is_ours in ((CACHE, lambda name: re.fullmatch(r"[0-9a-f]{16,64}\.arrow|tmp\w+", name)),
+                            ("tensorboard", lambda name: name.startswith("events.out.tfevents.")),
+                            ("eval", lambda name: name in written or fnmatch.fnmatch(name, ".*.tmp"))):
         if (run_dir / folder).is_dir():
             foreign += [f"{folder}/{p.name}" for p in (run_dir / folder).iterdir()
-                        if not (p.is_file() and fnmatch.fnmatch(p.name, pattern))]
+                        if not (p.is_file() and is_ours(p.name))]
+        elif (run_dir / folder).exists():
+            foreign.append(folder)
     return sorted(foreign)
+
+
+def read_eval_index(eval_dir: Path) -> dict[str, str]:
+    """eval/index.json: {hypothesis file name: what it translates}; empty where there is none or it is
+    damaged."""
+    try:
+        index = json.loads((eval_dir / EVAL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in index.items()} if isinstance(index, dict) else {}
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a command changes it (`mt train`, `mt tune`, `mt average`).
+
+    The lock is the file runs_dir/.NAME.lock, held with flock(2), which the system releases when the process
+    ends, however it ends: a killed run leaves no stale lock behind, and the next `--resume` takes it. The
+    file, which lies beside the run folder so that `--overwrite` never deletes it, names the process that
+    holds it. Under torchrun, rank 0 alone takes it.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MtError(f"cannot write in {self.path.parent}: {e.strerror} (a run needs its runs_dir "
+                          "writable)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise MtError(f"{self.run_dir} is in use by {holder}; wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        command = " ".join(["mt", *sys.argv[1:]])[:200]
+        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the last descriptor releases the lock
+            self.fd = None
 
 
 def check_run(run_dir: Path) -> Path:
@@ -256,6 +326,33 @@ def check_run(run_dir: Path) -> Path:
         raise CheckpointError(f"{run_dir} holds no trained model (no {TOKENIZER}, no checkpoint): its training "
                               "stopped before it got that far, or has only just started")
     return run_dir
+
+
+@dataclass
+class RunSummary:
+    """One line of `mt runs`."""
+
+    folder: Path
+    step: int | None  # of last.pt; None: no checkpoint yet, or none that reads
+    best_bleu: float | None
+    changed: float  # the newest modification time in the folder
+
+
+def list_runs(runs_dir: Path) -> list[RunSummary]:
+    """The run folders (those holding a config.yaml) under `runs_dir`, by name. An entry that cannot be read (a
+    dangling symlink, a folder without permission) is skipped with a warning, not the whole list."""
+    runs = []
+    for folder in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            if not (folder / CONFIG).is_file():
+                continue
+            bleus = [r["valid_bleu"] for r in read_metrics(folder) if "valid_bleu" in r]
+            changed = max(p.lstat().st_mtime for p in [folder, *folder.iterdir()])
+        except OSError as e:
+            log.warning("skipped %s: %s", folder, e.strerror or e)
+            continue
+        runs.append(RunSummary(folder, saved_step(folder), max(bleus) if bleus else None, changed))
+    return runs
 
 
 def latest_run(runs_dir: Path) -> Path:
@@ -276,41 +373,33 @@ def latest_run(runs_dir: Path) -> Path:
     return max(candidates)[1]
 
 
-def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
-    """Creates (or, with `overwrite`, empties) the run folder, or checks it for `resume`.
+def prepare_run_dir(config: Config, resume: bool, overwrite: bool,
+                    checks: Callable[[], None] = lambda: None) -> bool:
+    """Creates the run folder (with `overwrite`, empties it of mt's files first), or checks it for `resume`.
+    Returns whether the run resumes from a checkpoint: a `--resume` of a run that has none yet (its first start
+    was stopped before its first save) starts it, and says so. `checks` (the device, the corpora) runs before
+    anything is deleted or created.
 
     Raises:
         MtError: if the folder exists and neither flag says what to do with it, if it holds files mt did not
-            write, or if the name is not a folder name.
+            write, if a resumed run's model or data settings changed, or if the name is not a folder name.
     """
     check_trainable(config)
     run_dir = config.run_dir
-    if resume:
-        if not (run_dir / CONFIG).is_file():
-            raise CheckpointError(f"cannot resume: {run_dir} is not a run folder (no {CONFIG})")
-        saved = load_run_config(run_dir / CONFIG)
-        # The tokenizer and the training data are the run's; how many processes read them, and mt eval's test
-        # set, are not.
-        free = ("data.workers:", "data.test:")
-        fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)
-                 if not change.startswith(free)]
-        if fixed:
-            raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {CONFIG} "
-                              "against this config): resume with the run's own settings or train a new run")
-        # Longer or shorter is what a resume is for; any other change is worth a word.
-        stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
-        changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
-        changed += [c for c in _changes(saved, config, "train") if not c.startswith(stops)]
-        if changed:
-            log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
-        if changed := _changes(saved, config, "decode"):
-            log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
-                        "config's (%s): edit its %s to change it", run_dir, "; ".join(changed), CONFIG)
+    if resume and (run_dir / CONFIG).is_file():
+        _check_resumable(run_dir, config)
+        checks()
         remove_partial_files(run_dir)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        foreign = foreign_files(run_dir)
-        if foreign:  # never delete what mt did not write
+        if has_checkpoint(run_dir):
+            return True
+        log.warning("%s has no checkpoint yet (its first start stopped early): --resume starts it", run_dir)
+        return False
+    if resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise CheckpointError(f"cannot resume {run_dir}: it is not a run folder (no {CONFIG})")
+        log.warning("%s does not exist yet: --resume starts the run", run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if foreign := foreign_files(run_dir):  # never delete what mt did not write
             raise MtError(f"{run_dir} exists and holds files mt did not write ({', '.join(foreign[:3])}); choose "
                           "another name with --set name=NEW or another runs_dir")
         if not has_checkpoint(run_dir):  # an earlier start that stopped early: nothing to resume
@@ -318,9 +407,34 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path:
         elif not overwrite:
             raise MtError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite to "
                           "start it again, or choose another name with --set name=NEW")
-        shutil.rmtree(run_dir)
+        checks()
+        shutil.rmtree(run_dir)  # only mt's files, checked just above
+    checks()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return False
+
+
+def _check_resumable(run_dir: Path, config: Config) -> None:
+    """Raises a ConfigError if `config` changes what a resume of `run_dir` cannot change (the model, the
+    tokenizer, the training data); warns of the other changes."""
+    saved = load_run_config(run_dir / CONFIG)
+    # The tokenizer and the training data are the run's; how many processes read them, and mt eval's test
+    # set, are not.
+    free = ("data.workers:", "data.test:")
+    fixed = [change for section in ("model", "tokenizer", "data") for change in _changes(saved, config, section)
+             if not change.startswith(free)]
+    if fixed:
+        raise ConfigError(f"cannot resume {run_dir}: {'; '.join(fixed[:4])} (the run's {CONFIG} "
+                          "against this config): resume with the run's own settings or train a new run")
+    # Longer or shorter is what a resume is for; any other change is worth a word.
+    stops = ("train.max_steps:", "train.max_epochs:", "train.max_minutes:")
+    changed = [c for c in _changes(saved, config, "data") if c.startswith(free)]
+    changed += [c for c in _changes(saved, config, "train") if not c.startswith(stops)]
+    if changed:
+        log.warning("resuming %s with changed settings: %s", run_dir, "; ".join(changed))
+    if changed := _changes(saved, config, "decode"):
+        log.warning("resuming %s with the decode section it has (mt tune may have chosen it), not this "
+                    "config's (%s): edit its %s to change it", run_dir, "; ".join(changed), CONFIG)
 
 
 def in_its_own_folder(config: Config, path: Path, overrides: Sequence[str] = ()) -> Config:

@@ -213,7 +213,8 @@ def translate(
             emitted += 1
 
     if text is not None:
-        lines = text.splitlines() or [text]  # one output line per input line, as for a file
+        # One output line per input line, as for a file: lines end at \n alone (not at form feeds or U+2028).
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
         if attention is not None:  # first: a --layer out of range is an error before any output
             if len(lines) > 1:
                 raise MtError(f"--attention draws one sentence; TEXT has {len(lines)} lines")
@@ -221,6 +222,8 @@ def translate(
         emit(lines)
     elif input is not None and str(input) != "-":
         emit(read_lines(input))
+    elif sys.stdin is None or not hasattr(sys.stdin, "buffer"):
+        raise MtError("no input: standard input is closed; give TEXT or --input FILE")
     elif interactive or (input is None and sys.stdin.isatty()):
         typer.echo("French → English. Type a sentence and press Enter; Ctrl-D to quit.", err=True)
         while True:
@@ -293,18 +296,16 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The fol
 
     from mt import checkpoint
 
-    folders = sorted(p for p in runs_dir.glob("*") if (p / checkpoint.CONFIG).is_file()) if runs_dir.is_dir() else []
-    if not folders:
+    _setup_logging()
+    runs = checkpoint.list_runs(runs_dir)
+    if not runs:
         raise MtError(f"no runs in {runs_dir}/; train one with `mt train`")
     typer.echo(f"{'run':<24} {'step':>7} {'best BLEU':>9}  {'last change':<16}  folder")
-    for folder in folders:
-        records = checkpoint.read_metrics(folder)
-        step = checkpoint.saved_step(folder)  # None: no checkpoint yet, or none that reads
-        bleus = [r["valid_bleu"] for r in records if "valid_bleu" in r]
-        best = f"{max(bleus):.2f}" if bleus else "-"
-        changed = max(p.stat().st_mtime for p in folder.iterdir())
-        when = datetime.datetime.fromtimestamp(changed).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{folder.name:<24} {'-' if step is None else step:>7} {best:>9}  {when:<16}  {folder}")
+    for run in runs:
+        best = "-" if run.best_bleu is None else f"{run.best_bleu:.2f}"
+        when = datetime.datetime.fromtimestamp(run.changed).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{run.folder.name:<24} {'-' if run.step is None else run.step:>7} {best:>9}  {when:<16}  "
+                   f"{run.folder}")
 
 
 @app.command()
@@ -403,12 +404,13 @@ def average(
     from mt import checkpoint
 
     run_dir = _run_folder(run, runs_dir)
-    paths = checkpoint.numbered_checkpoints(run_dir)[:last]
-    if len(paths) < last:
-        raise MtError(f"{run_dir} has {len(paths)} numbered checkpoints, fewer than --last {last}; "
-                      "raise train.keep_checkpoints to keep more")
-    checkpoint.save({"model": checkpoint.average(paths), "averaged": [p.name for p in paths]},
-                    run_dir / checkpoint.AVERAGED)
+    with checkpoint.RunLock(run_dir):
+        paths = checkpoint.numbered_checkpoints(run_dir)[:last]
+        if len(paths) < last:
+            raise MtError(f"{run_dir} has {len(paths)} numbered checkpoints, fewer than --last {last}; "
+                          "raise train.keep_checkpoints to keep more")
+        checkpoint.save({"model": checkpoint.average(paths), "averaged": [p.name for p in paths]},
+                        run_dir / checkpoint.AVERAGED)
     typer.echo(f"averaged {', '.join(p.name for p in paths)} into {run_dir / checkpoint.AVERAGED}")
 
 
@@ -441,7 +443,8 @@ def tune(
         raise MtError(f"beam sizes must be >= 1 and length penalties finite numbers >= 0; got {beams!r}, "
                       f"{penalties!r}")
     run_dir = _run_folder(run, runs_dir)
-    results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
+    with checkpoint.RunLock(run_dir):
+        results = tune_run(run_dir, beam_list, penalty_list, device=device, weights=weights)
     for r in results:
         penalty = "-" if r["length_penalty"] is None else f"{r['length_penalty']:.2f}"
         typer.echo(f"beam {r['beam_size']:>2}  length penalty {penalty:>4}  BLEU {r['bleu']:6.2f}")
@@ -556,5 +559,19 @@ def configure_process() -> None:
 
 
 def main() -> None:
+    """The `mt` command: process settings, then the command. A usage error (an unknown command or option, a
+    bad option value) is one line on stderr and exit code 2; `--help` shows the full usage."""
     configure_process()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    except Exception as e:  # click's UsageError (typer vendors click: its class is not importable alike everywhere)
+        if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

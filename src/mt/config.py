@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Sequence
@@ -47,74 +48,75 @@ class DataConfig:
                               "the start that it can be found")
     src_lang: str = option("fr", "file suffix of the source side")
     tgt_lang: str = option("en", "file suffix of the target side")
-    max_pairs: int = option(0, "use only the first N pairs of each training corpus (0 = all)", min=0)
-    max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1)
+    max_pairs: int = option(0, "use only the first N pairs of each training corpus (0 = all)", min=0, max=10**10)
+    max_tokens: int = option(128, "drop training pairs with a side longer than this many subwords", min=1, max=100_000)
     max_ratio: float = option(3.0, "drop training pairs whose subword length ratio exceeds this (.inf = keep all)",
                               min=1.0, inf=True)
     normalize: bool = option(True, "NFC, whitespace, apostrophes and quotes normalised (training data and input)")
     dedupe: bool = option(True, "remove exact duplicate training pairs (within each corpus)")
     workers: int = option(1, "processes that tokenize the training data (once per run; a resume reuses it)",
-                          min=1)
+                          min=1, max=1024)
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = option(8000, "joint French+English SentencePiece vocabulary size", min=16)
+    vocab_size: int = option(8000, "joint French+English SentencePiece vocabulary size", min=16, max=1_000_000)
     type: Literal["unigram", "bpe"] = option("unigram", "SentencePiece model type")
     character_coverage: float = option(1.0, "share of characters covered by the vocabulary", min=0.9, max=1.0)
-    sample_sentences: int = option(2_000_000, "train the tokenizer on at most this many sentences", min=100)
+    sample_sentences: int = option(2_000_000, "train the tokenizer on at most this many sentences", min=100, max=10**9)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    d_model: int = option(256, "width of embeddings and hidden states", min=8)
-    heads: int = option(4, "attention heads; must divide d_model", min=1)
-    encoder_layers: int = option(3, "encoder layers", min=1)
-    decoder_layers: int = option(3, "decoder layers", min=1)
-    d_ff: int = option(1024, "hidden width of the feed-forward blocks", min=1)
+    d_model: int = option(256, "width of embeddings and hidden states", min=8, max=65_536)
+    heads: int = option(4, "attention heads; must divide d_model", min=1, max=1024)
+    encoder_layers: int = option(3, "encoder layers", min=1, max=1000)
+    decoder_layers: int = option(3, "decoder layers", min=1, max=1000)
+    d_ff: int = option(1024, "hidden width of the feed-forward blocks", min=1, max=1_000_000)
     dropout: float = option(0.2, "dropout on embeddings, sublayer outputs and feed-forward", min=0.0, max=0.9)
     attention_dropout: float = option(0.0, "dropout on attention weights", min=0.0, max=0.9)
     activation_dropout: float = option(0.0, "dropout inside the feed-forward block, after the activation",
                                        min=0.0, max=0.9)
     activation: Literal["relu", "gelu"] = option("relu", "feed-forward activation")
     norm: Literal["post", "pre"] = option("post", "Add & Norm after each sublayer (post) or before it (pre)")
-    max_positions: int = option(1024, "longest sequence the sinusoidal table covers", min=16)
+    max_positions: int = option(1024, "longest sequence the sinusoidal table covers", min=16, max=100_000)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_tokens: int = option(4096, "tokens (source + target, padding included) per batch", min=16)
-    accumulate: int = option(1, "batches whose gradients are summed before each update", min=1)
+    batch_tokens: int = option(4096, "tokens (source + target, padding included) per batch", min=16, max=10**8)
+    accumulate: int = option(1, "batches whose gradients are summed before each update", min=1, max=100_000)
     lr: float = option(1e-3, "peak learning rate, reached at the end of warmup", above=0.0)
-    warmup_steps: int = option(600, "linear warmup, then inverse-square-root decay", min=1)
+    warmup_steps: int = option(600, "linear warmup, then inverse-square-root decay", min=1, max=10**9)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     adam_betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0.0, max=0.99)
     clip_norm: float = option(1.0, "clip the gradient norm to this (0 = off)", min=0.0)
-    max_steps: int = option(0, "stop after this many updates (0 = no limit)", min=0)
-    max_epochs: int = option(0, "stop after this many epochs (0 = no limit)", min=0)
-    max_minutes: float = option(40.0, "stop after this much training time (0 = no limit)", min=0.0)
-    valid_every: int = option(500, "validate (loss and greedy BLEU) every N updates", min=1)
-    valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0)
+    max_steps: int = option(0, "stop after this many updates (0 = no limit)", min=0, max=10**12)
+    max_epochs: int = option(0, "stop after this many epochs (0 = no limit)", min=0, max=10**9)
+    max_minutes: float = option(40.0, "stop after this much training time (0 = no limit)", min=0.0, max=10.0**7)
+    valid_every: int = option(500, "validate (loss and greedy BLEU) every N updates", min=1, max=10**12)
+    valid_sentences: int = option(0, "validation BLEU on the first N valid sentences (0 = all)", min=0, max=10**9)
     log_every: int = option(50, "log training loss and speed every N updates (metrics.jsonl, train.log, "
-                                "console)", min=1)
-    seed: int = option(1, "seed of model initialisation and batch order", min=0)
+                                "console)", min=1, max=10**12)
+    seed: int = option(1, "seed of model initialisation and batch order", min=0, max=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
         "on any device")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
                                       "tensorboard)")
-    threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0)
+    threads: int = option(0, "CPU threads for torch (0 = torch's default)", min=0, max=4096)
     compile: bool = option(False, "compile each encoder and decoder layer for training with torch.compile "
                            "(dynamic shapes; the first steps compile). Unmeasured on a GPU; slower on the CPU")
-    keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1)
-    patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0)
+    keep_checkpoints: int = option(3, "numbered checkpoints kept besides last.pt and best.pt", min=1, max=100_000)
+    patience: int = option(0, "stop after N validations without a better BLEU (0 = never)", min=0, max=10**9)
     average_last: int = option(3, "at the end, average the last N numbered checkpoints; kept as best.pt if "
-                               "its validation BLEU is higher (0 = off; needs keep_checkpoints >= N)", min=0)
+                               "its validation BLEU is higher (0 = off; needs keep_checkpoints >= N)", min=0,
+                               max=100_000)
     tune_decoding: bool = option(True, "at the end, choose beam size and length penalty on the valid set and "
                                  "store them as the run's decode defaults")
-    max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1)
+    max_nonfinite: int = option(10, "stop after N non-finite updates in a row (each is skipped)", min=1, max=10**9)
 
 
 # The grid `mt train` (train.tune_decoding) and `mt tune` search for the decode section's beam and penalty.
@@ -124,13 +126,13 @@ TUNE_PENALTIES = (0.6, 1.0, 1.4)
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    beam_size: int = option(5, "beam width (1 = greedy)", min=1)
-    length_penalty: float = option(1.0, "beam score = log-prob / length ** length_penalty", min=0.0)
-    max_len_a: float = option(1.5, "longest output = max_len_a * source length + max_len_b", min=0.0)
-    max_len_b: int = option(10, "see max_len_a", min=1)
-    batch_tokens: int = option(16000, "source tokens per decoding batch (times beam size)", min=1)
+    beam_size: int = option(5, "beam width (1 = greedy)", min=1, max=1000)
+    length_penalty: float = option(1.0, "beam score = log-prob / length ** length_penalty", min=0.0, max=100.0)
+    max_len_a: float = option(1.5, "longest output = max_len_a * source length + max_len_b", min=0.0, max=1000.0)
+    max_len_b: int = option(10, "see max_len_a", min=1, max=100_000)
+    batch_tokens: int = option(16000, "source tokens per decoding batch (times beam size)", min=1, max=10**8)
     inter_threads: int = option(2, "batches decoded at once on a CPU, sharing torch's threads (mt train's own "
-                                   "decoding: one)", min=1)
+                                   "decoding: one)", min=1, max=1024)
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
         "on any device")
@@ -148,7 +150,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
+        return Path(self.runs_dir).expanduser() / self.name
 
 
 # Keys and values that earlier versions of mt wrote into run folders: a saved run's config.yaml is read without
@@ -277,8 +279,35 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    """Plain data from YAML (a SafeLoader), bounded: a config of more than MAX_YAML_BYTES, or whose aliases
+    expand to more than MAX_YAML_VALUES values (a "billion laughs" file), is refused before anything walks it.
+
+    Raises:
+        yaml.YAMLError: for either, as for malformed YAML.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"the file is {len(text):,} characters long; a config is at most {MAX_YAML_BYTES:,}")
+    data = yaml.load(text, Loader=_StrictLoader)
+    budget = [MAX_YAML_VALUES]
+
+    def count(value: Any) -> None:  # every value as a reader of the config would meet it, aliases expanded
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+        for item in value.items() if isinstance(value, dict) else value if isinstance(value, list) else ():
+            if isinstance(item, tuple):
+                count(item[0])
+                count(item[1])
+            else:
+                count(item)
+
+    count(data)
+    return data
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -323,7 +352,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if raw is None and prefix:  # a section whose keys are all commented out
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{source}: '{section}' must be a mapping of keys, got {_short(raw)}")
     known = {f.name: f for f in fields(cls)}
     for key in raw:
         if f"{prefix}{key}" in REMOVED:
@@ -358,7 +387,7 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
     """Returns `value` converted to the field's type, or raises a ConfigError saying what is allowed."""
 
     def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be {expected}, got {_short(value)}")
 
     origin = typing.get_origin(hint)
     if hint is CorpusSpec or hint is CorpusList:
@@ -421,8 +450,22 @@ def _unknown_key(source: str, prefix: str, key: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
     valid = ", ".join(choices)
-    return f"{source}: unknown key '{full}'{hint}; valid keys here: {valid}"
+    return f"{source}: unknown key '{_shorten(full, 80)}'{hint}; valid keys here: {valid}"
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+    return _shorten(" ".join(str(error).split()), 300)
+
+
+def _short(value: Any) -> str:
+    """`repr(value)`, cut short: an error message never prints a whole value."""
+    return _shorten(_REPR.repr(value), 120)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxlevel = 4

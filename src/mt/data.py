@@ -63,8 +63,12 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
     for number, raw in enumerate(raw_lines, start=1):
         if number == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)  # an editor's byte-order mark: not part of the text
+        line = raw.rstrip(b"\n").rstrip(b"\r")
+        if b"\r" in line:  # old Mac line ends (CR alone): the whole file would read as one line
+            raise DataError(f"{name}, line {number}: a carriage return (CR) inside the line; lines must end with "
+                            "LF or CR LF (convert old Mac line ends, e.g. with: tr '\\r' '\\n')")
         try:
-            yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
+            yield line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{name}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
 
@@ -545,6 +549,19 @@ class PreparedData:
     def valid_columns(self) -> dict[str, list]:
         """The validation set as column lists, read from Arrow once per run rather than at every validation."""
         return self.valid[:]
+
+
+def check_corpora(config: Config) -> None:
+    """Finds every corpus the config names (fetching those mt downloads, but not the test set), so that a typo
+    fails before anything else is done.
+
+    Raises:
+        DataError: naming the config key of a corpus that cannot be found.
+    """
+    for spec, _ in corpora.parse_corpus_list(config.data.train):
+        _resolve("data.train", spec, config)
+    _resolve("data.valid", config.data.valid, config)
+    _resolve("data.test", config.data.test, config, fetch=False)
 
 
 def _resolve(key: str, spec: Any, config: Config, fetch: bool = True):

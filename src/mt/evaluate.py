@@ -6,6 +6,8 @@ Scores are computed on detokenized text against one reference per sentence, sacr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -98,6 +100,22 @@ def tune_run(run_dir: Path, beams: Sequence[int], penalties: Sequence[float], de
     return results
 
 
+def _hypotheses_stem(files, spec) -> str:
+    """The name of a test set's hypotheses in eval/: a named corpus's name (multi30k.test_2016_flickr); a pair
+    of files, the source file's stem and a digest of its absolute path, so that test.fr in two folders get two
+    files, in one command or two."""
+    from mt import corpora
+
+    if isinstance(files, corpora.CorpusFiles) and not isinstance(spec, str):
+        digest = hashlib.sha1(str(Path(files.src).resolve()).encode()).hexdigest()[:8]
+        return _file_name(files.src.stem) + "." + digest
+    return _file_name(files.name)
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^\w.-]+", ".", text)
+
+
 def evaluate_run(
     run_dir: Path, tests: Sequence[str | dict[str, str]] | None = None, beam_size: int | None = None,
     device: str = "auto", weights: str | None = None,
@@ -121,26 +139,22 @@ def evaluate_run(
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     _check_writable(out_dir)
-    test_sets, stems = [], set()
+    test_sets = []
     for spec in tests or [data.test]:  # every test set read before any is translated: a typo fails at once
         files = corpora.resolve(spec, data.src_lang, data.tgt_lang)
         sources, references = read_corpus(files)
         if not sources:
             raise DataError(f"test set {files.name} is empty")
-        paths = isinstance(files, corpora.CorpusFiles) and not isinstance(spec, str)  # named by its source file
-        stem = re.sub(r"[^\w.-]+", ".", files.src.stem if paths else files.name)
-        unique, copies = stem, 1
-        while unique in stems:  # test files of the same name in two folders: d1/test.fr and d2/test.fr
-            copies += 1
-            unique = f"{stem}.{copies}"
-        stems.add(unique)
-        test_sets.append((files, sources, references, unique))
+        test_sets.append((files, sources, references, _hypotheses_stem(files, spec)))
     # Hypotheses of other weights than best.pt get the checkpoint's name, beside best.pt's, not over them.
     checkpoint_tag = "" if translator.weights.name == checkpoint.BEST else "." + translator.weights.stem
     results = []
     for files, sources, references, stem in test_sets:
         hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
         hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}.{data.tgt_lang}"
+        index = checkpoint.read_eval_index(out_dir)  # first: a file mt writes is listed before it exists
+        index[hyp_path.name] = files.name
+        write_bytes(out_dir / checkpoint.EVAL_INDEX, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
         write_bytes(hyp_path, "".join(h + "\n" for h in hypotheses).encode())
         results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,
                         "hypotheses": str(hyp_path), "scores": [s.as_dict() for s in score(hypotheses, references)]})

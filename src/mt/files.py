@@ -57,5 +57,7 @@ def free_mib(folder: Path) -> float:
 def _reason(e: OSError | RuntimeError) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
+    if re.search(r"unexpected pos|failed writing|file write failed", str(e)):  # torch.save's words for a short write
+        return "the write was cut short: is the disk full?"
     # torch's own message, less the C++ source location it starts with
     return "torch.save failed: " + re.sub(r"^\[enforce fail at [^]]*\][\s.]*", "", " ".join(str(e).split()))

@@ -28,9 +28,20 @@ from tqdm import tqdm
 
 from mt import checkpoint, distributed, fastpaths
 from mt.config import TUNE_BEAMS, TUNE_PENALTIES, Config, config_to_dict, load_run_config, save_config
-from mt.data import LAYOUTS, Batch, Layout, PairTable, PreparedData, batch_layout, collate, make_batches, prepare_data
+from mt.data import (
+    LAYOUTS,
+    Batch,
+    Layout,
+    PairTable,
+    PreparedData,
+    batch_layout,
+    check_corpora,
+    collate,
+    make_batches,
+    prepare_data,
+)
 from mt.devices import autocast, autocast_dtype, bf16_without_instructions, resolve_device, training_precision
-from mt.errors import DataError, Interrupted, MtError
+from mt.errors import CheckpointError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
 from mt.model import Transformer
 from mt.translate import translate_ids
@@ -130,10 +141,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 class _StopSignals:
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+    """SIGINT and SIGTERM while `mt train` runs. In training, the first asks the loop to stop after the current
+    step and save a checkpoint, and a second one stops at once. In any other phase (preparing the data, choosing
+    the decoding settings) the first one stops at once, saying what was stopped."""
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.phase = "checking the run"
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -147,9 +161,12 @@ class _StopSignals:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.phase != "training":
+            raise Interrupted(f"stopped by {name} while {self.phase}")
         if self.received is not None:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = name
         log.warning("%s received: saving a checkpoint after this step (again to stop at once)", self.received)
 
 
@@ -167,40 +184,47 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         logger.setLevel(logging.WARNING)
         show_progress = False
     file_log = trainer = None
+    lock = checkpoint.RunLock(config.run_dir)
     try:  # from here on the process group is torn down whatever happens: a rank left in it aborts at exit
-        if ctx.is_main and resume and (config.run_dir / checkpoint.CONFIG).is_file():
-            file_log = _log_to(config.run_dir, logger)  # first: what the resume changes goes into the log too
-        run_dir = _main_first(ctx, lambda: checkpoint.prepare_run_dir(config, resume, overwrite),
-                              others=lambda: config.run_dir)
-        if resume:  # the run's own decoding settings: mt tune may have chosen them
-            config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
-        if ctx.is_main and file_log is None:
-            file_log = _log_to(run_dir, logger)
-        tc = config.train
-        if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):  # said before the long read
-            log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
-                        "training goes on until Ctrl-C")
-        if ctx.is_main:
-            save_config(config, run_dir / checkpoint.CONFIG)
-        data = _main_first(ctx, lambda: prepare_data(config, run_dir))
-        trainer = Trainer(config, data, ctx, run_dir, resume)
         with _StopSignals() as signals:
+            if ctx.is_main and resume and (config.run_dir / checkpoint.CONFIG).is_file():
+                file_log = _log_to(config.run_dir, logger)  # first: what the resume changes goes into the log too
+            # Rank 0 takes the run folder's lock, then checks all it can (device, corpora) before it changes it.
+            resuming = _main_first(ctx, lambda: _take_run_dir(config, lock, resume, overwrite), others=lambda: resume)
+            run_dir = config.run_dir
+            if ctx.is_main and file_log is None:
+                file_log = _log_to(run_dir, logger)
+            if resuming:  # the run's own decoding settings: mt tune may have chosen them
+                config = replace(config, decode=load_run_config(run_dir / checkpoint.CONFIG).decode)
+            tc = config.train
+            if not (tc.max_steps or tc.max_epochs or tc.max_minutes or tc.patience):  # said before the long read
+                log.warning("no stopping condition (train.max_steps, max_epochs, max_minutes and patience are all 0): "
+                            "training goes on until Ctrl-C")
+            if ctx.is_main:
+                save_config(config, run_dir / checkpoint.CONFIG)
+            signals.phase = "preparing the data"
+            data = _main_first(ctx, lambda: prepare_data(config, run_dir))
+            trainer = Trainer(config, data, ctx, run_dir, resuming)
+            signals.phase = "training"
             try:
                 trainer.run(signals, show_progress)
             except Interrupted as e:  # the CLI prints it; train.log keeps it too
                 if file_log:
                     file_log.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, str(e), None, None))
                 raise
-        if config.train.tune_decoding and ctx.is_main:
-            from mt.evaluate import describe_setting, tune_run
+            signals.phase = "choosing the decoding settings (the trained run is saved; mt tune does it later)"
+            if config.train.tune_decoding and ctx.is_main:
+                from mt.evaluate import describe_setting, tune_run
 
-            best = tune_run(run_dir, TUNE_BEAMS, TUNE_PENALTIES, device=str(trainer.device),
-                            streams=IN_TRAINING_STREAMS)[0]
-            log.info("decoding defaults chosen on the valid set: %s (BLEU %.2f)", describe_setting(best), best["bleu"])
-        if ctx.is_main:  # the tokenized data: a resume of the finished run makes it again
-            shutil.rmtree(run_dir / checkpoint.CACHE, ignore_errors=True)
-        return run_dir
+                best = tune_run(run_dir, TUNE_BEAMS, TUNE_PENALTIES, device=str(trainer.device),
+                                streams=IN_TRAINING_STREAMS)[0]
+                log.info("decoding defaults chosen on the valid set: %s (BLEU %.2f)", describe_setting(best),
+                         best["bleu"])
+            if ctx.is_main:  # the tokenized data: a resume of the finished run makes it again
+                shutil.rmtree(run_dir / checkpoint.CACHE, ignore_errors=True)
+            return run_dir
     finally:
+        lock.__exit__()
         if trainer is not None and trainer.tensorboard is not None:
             trainer.tensorboard.close()
         if file_log:
@@ -208,6 +232,19 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
             file_log.close()
         logger.setLevel(level)
         distributed.teardown(ctx)
+
+
+def _take_run_dir(config: Config, lock: checkpoint.RunLock, resume: bool, overwrite: bool) -> bool:
+    """Takes the run folder's lock, checks the device and the corpora, then prepares the folder (deleting
+    nothing before every check has passed). Returns whether the run resumes from a checkpoint."""
+    checkpoint.check_trainable(config)  # a name that is no folder name gets no lock file either
+    lock.__enter__()
+
+    def checks() -> None:
+        resolve_device(config)
+        check_corpora(config)
+
+    return checkpoint.prepare_run_dir(config, resume, overwrite, checks)
 
 
 def _log_to(run_dir: Path, logger: logging.Logger) -> logging.Handler:
@@ -282,7 +319,7 @@ class Trainer:
         self.tensorboard = _tensorboard_writer(run_dir) if tc.tensorboard and saves else None
         self.progress = Progress()
         if resume:
-            self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device))
+            self._restore(checkpoint.load_newest_valid(run_dir, map_location=self.device, accept=self._fits))
         if self.progress.ranks not in (0, self.ctx.world) and self.ctx.is_main:
             log.warning("the run trained on %d process(es) and goes on with %d: an update now takes %d batches of "
                         "%d tokens instead of %d (train.accumulate × processes)", self.progress.ranks,
@@ -306,6 +343,15 @@ class Trainer:
                         p.epoch + 1)
         p.batch_layout = str(layout)
         return layout
+
+    def _fits(self, state: dict[str, Any]) -> None:
+        """Raises a CheckpointError if `state` is not a checkpoint of this model (another model's, copied in)."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, TypeError) as e:  # torch's message: a header line, then one line per mismatch
+            lines = str(e).splitlines()
+            raise CheckpointError(f"its weights do not fit this run's model ({(lines[1:] or lines)[0].strip()[:200]})"
+                                  ) from None
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -492,9 +538,10 @@ class Trainer:
             log.warning("%d update(s) skipped for a non-finite gradient by step %d (%d in a row at most)", skipped,
                         p.step, worst)
         if worst >= tc.max_nonfinite:
-            raise MtError(f"{worst} non-finite updates in a row by step {p.step}; stopping. The last good "
-                          f"checkpoint is {self.run_dir / checkpoint.LAST}; lower train.lr or raise "
-                          "train.warmup_steps")
+            saved = (f"The last good checkpoint is {self.run_dir / checkpoint.LAST}" if self.run_dir is not None
+                     and (self.run_dir / checkpoint.LAST).is_file() else "No checkpoint was saved")
+            raise MtError(f"{worst} non-finite updates in a row by step {p.step}; stopping. {saved}; lower train.lr "
+                          "or raise train.warmup_steps")
 
     def validate_and_save(self) -> None:
         """Validates and saves on rank 0; every rank then takes rank 0's progress (best BLEU, patience)."""

@@ -169,26 +169,32 @@ class Translator:
         return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config.decode.precision, device),
                    weights=path)
 
-    def translate(self, texts: Sequence[str], beam_size: int | None = None,
+    def translate(self, texts: Iterable[str], beam_size: int | None = None,
                   length_penalty: float | None = None) -> list[str]:
         """Translates each text; an empty or blank text gives an empty line. Decoding settings default to
         the run's `decode` section."""
         return [options[0].text for options in self.translate_nbest(texts, beam_size, length_penalty, nbest=1)]
 
     def translate_nbest(
-        self, texts: Sequence[str], beam_size: int | None = None, length_penalty: float | None = None,
+        self, texts: Iterable[str], beam_size: int | None = None, length_penalty: float | None = None,
         nbest: int = 1, progress: str | None = None,
     ) -> list[list[Translation]]:
-        """The `nbest` best translations of each text, best first (one for greedy search).
+        """The `nbest` best translations of each text, best first. A blank text gives `nbest` empty ones.
 
         Raises:
             TypeError: for one string rather than a list of them (it would be translated letter by letter).
+            ValueError: for a beam size or `nbest` below 1, or an `nbest` above the beam size.
         """
         if isinstance(texts, str):
             raise TypeError(f"translate a list of texts: [{texts!r}], not one string")
+        texts = list(texts)  # a generator is read once, here
         decode = self.config.decode
         if beam_size is not None:
+            if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+                raise ValueError(f"beam_size must be an integer of at least 1 (1 = greedy), got {beam_size!r}")
             decode = replace(decode, beam_size=beam_size)
+        if isinstance(nbest, bool) or not isinstance(nbest, int) or not 1 <= nbest <= decode.beam_size:
+            raise ValueError(f"nbest must be an integer from 1 to the beam size ({decode.beam_size}), got {nbest!r}")
         if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step keeps the 2 × beam best extensions
             raise ConfigError(f"beam size {decode.beam_size} is too large for this model's vocabulary of "
                               f"{self.tokenizer.vocab_size} pieces: at most {self.tokenizer.vocab_size // 2}")
@@ -199,7 +205,7 @@ class Translator:
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             if not text.strip():
-                outputs.append([Translation("", 0.0, [])])
+                outputs.append([Translation("", 0.0, []) for _ in range(nbest)])
                 continue
             lines = self.tokenizer.decode([h.tokens for h in options])
             outputs.append([Translation(" ".join(line.split()), h.score, h.tokens)

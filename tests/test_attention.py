@@ -77,6 +77,20 @@ def test_cached_cross_attention_matches_torch_with_padding(autocast):
     assert weights[1, :, 0, 3:].abs().sum() == 0  # padding gets no attention
 
 
+def test_beams_share_their_sentence_cross_attention_cache():
+    # 2 sentences x 3 beams: the cache holds each sentence once; each beam's row reads its own sentence's.
+    ours, theirs = copied_pair()
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    query, memory = torch.randn(6, 1, 16), torch.randn(2, 5, 16)
+    mask = padding_mask(tokens)
+    out, weights = ours(query, mask=mask, cache=ours.project_memory(memory), need_weights=True)
+    beams = torch.tensor([0, 0, 0, 1, 1, 1])
+    ref, ref_weights = theirs(query, memory[beams], memory[beams], key_padding_mask=~mask[beams, 0, 0],
+                              average_attn_weights=False)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(weights, ref_weights)
+
+
 def test_growing_cache_matches_full_causal_attention():
     ours, _ = copied_pair()
     x = torch.randn(2, 10, 16)

@@ -278,7 +278,7 @@ def test_resuming_a_copied_run_continues_the_copy(trained, monkeypatch, tmp_path
     mine = tmp_path / "mine" / "config.yaml"
     mine.parent.mkdir()
     mine.write_text((original / "config.yaml").read_text().replace("name: tiny\n", "name: tiny-2\n")
-                    .replace("max_steps: 60\n", "max_steps: 2\n"))
+                    .replace("max_steps: 60\n", "max_steps: 2\n").replace("max_pairs: 3000\n", "max_pairs: 300\n"))
     result = run("train", "--config", mine, "--resume")
     assert result.exit_code == 0, result.output
     assert "runs/tiny-2 does not exist yet: --resume starts the run" in result.stderr
@@ -655,35 +655,7 @@ def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):
     assert "fastest of 2 alternating rounds" in result.stdout
 
 
-def test_bench_no_decode_no_reference_plain_measures_the_plain_paths_of_our_model_alone(trained, monkeypatch,
-                                                                                        data_path):
-    monkeypatch.chdir(trained)
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode", "--no-reference",
-                 "--plain", "--set", "train.batch_tokens=2000")
-    assert result.exit_code == 0, result.output
-    assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
-    assert "fast paths off (--plain)" in result.stdout
-    assert "greedy" not in result.stdout and "decoding" not in result.stdout and "nn.Transformer" not in result.stdout
-    from mt import fastpaths
-
-    assert fastpaths.ENABLED  # back on for the rest of the process
-
-
-def test_bench_stopped_by_sigterm_prints_the_rows_measured_so_far(trained, monkeypatch, data_path):
-    import signal
-
-    monkeypatch.chdir(trained)
-    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
-    monkeypatch.setattr("mt.bench._reference_rows", lambda *a: os.kill(os.getpid(), signal.SIGTERM))  # `timeout`
-    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode")
-    assert result.exit_code == 130
-    assert "roof: 2048² matmul" in result.stdout and "train ours: MFU" in result.stdout
-    assert "stopped before the end: the rows measured so far" in result.stderr
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
-
-
-def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):
+def test_bench_no_decode_plain_and_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):
     monkeypatch.chdir(trained)
     monkeypatch.setenv("MT_DATA_PATH", str(data_path))
 
@@ -691,11 +663,31 @@ def test_bench_reports_a_reference_that_runs_out_of_memory(trained, monkeypatch,
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.32 GiB.")
 
     monkeypatch.setattr("mt.bench._reference_loss", out_of_memory)
-    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode")
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-decode", "--plain",
+                 "--set", "train.batch_tokens=2000")
     assert result.exit_code == 0, result.output
-    assert "train ours: MFU" in result.stdout
+    assert "train ours: MFU" in result.stdout and "2000 tokens/batch" in result.stdout
+    assert "fast paths off (--plain)" in result.stdout
     assert re.search(r"out of cpu memory with random batches of \d+ sentences: not compared", result.stdout)
     assert "ours ÷ nn.Transformer" not in result.stdout
+    assert "greedy" not in result.stdout and "decoding" not in result.stdout
+    from mt import fastpaths
+
+    assert fastpaths.ENABLED  # back on for the rest of the process
+
+
+def test_bench_no_reference_stopped_by_sigterm_prints_the_rows_measured_so_far(trained, monkeypatch, data_path):
+    import signal
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    monkeypatch.setattr("mt.bench._decoding_rows", lambda *a: os.kill(os.getpid(), signal.SIGTERM))  # `timeout`
+    result = run("bench", "--config", TINY, "--run", "runs/tiny", "--seconds", 1, "--no-reference")
+    assert result.exit_code == 130
+    assert "roof: 2048² matmul" in result.stdout and "train ours: MFU" in result.stdout
+    assert "nn.Transformer" not in result.stdout
+    assert "stopped before the end: the rows measured so far" in result.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
 
 
 def test_roof_is_timed_at_least_once_and_at_a_size_a_slow_cpu_multiplies_in_time(monkeypatch):

@@ -71,39 +71,38 @@ class MultiHeadAttention(nn.Module):
             is_causal: position t attends only to positions <= t (masked self-attention in the decoder).
             cache: for decoding one position at a time. Self-attention: the new keys and values are appended
                 to it and the query attends to all of them. Cross-attention: the encoder's keys and values,
-                computed once (`KVCache.fixed`), used instead of `memory`.
+                computed once (`project_memory`), used instead of `memory`; it may hold one row per sentence
+                for the G consecutive query rows of that sentence's beams.
             need_weights: also return the attention weights, (B, H, T, S).
 
         Returns:
             The output (B, T, E), and the weights or None.
         """
-        q, k, v = self._project(query, memory, cache)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # each (B, H, len, D)
-        if cache is not None and cache.growing:
-            k, v = cache.append(k, v)  # the newest position attends to every cached one
-        elif cache is not None:
-            k, v = cache.k, cache.v
+        E = self.d_model
+        if memory is None and (cache is None or cache.growing):  # self-attention: one product for q, k and v
+            q, k, v = (self._split_heads(x) for x in F.linear(query, self.in_proj_weight, self.in_proj_bias)
+                       .chunk(3, dim=-1))  # each (B, H, T, D)
+            if cache is not None:
+                k, v = cache.append(k, v)  # the newest position attends to every cached one
+        else:  # cross-attention: keys and values from the encoder output, or computed once into the cache
+            q = self._split_heads(F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E]))
+            encoder = cache if cache is not None else self.project_memory(memory)
+            k, v = encoder.k, encoder.v  # each (B, H, S, D)
+        B, N = q.size(0), k.size(0)
+        if N != B:  # beam search: the G = B / N beams of a sentence attend to its one encoder output together
+            q = q.view(N, B // N, *q.shape[1:]).transpose(1, 2).flatten(2, 3)  # (N * G, H, T, D) -> (N, H, G * T, D)
         dropout = self.dropout if self.training else 0.0
-        if need_weights:
+        if need_weights or cache is not None:  # decoding one position: the formula beats the fused kernel's overhead
             if is_causal:
                 mask = causal_mask(q.size(2), q.device)
             out, weights = scaled_dot_product_attention(q, k, v, mask, dropout)
         else:  # torch's fused kernel computes the same, without keeping the (B, H, T, S) weights
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
             weights = None
-        return self.out_proj(self._merge_heads(out)), weights
-
-    def _project(self, query: torch.Tensor, memory: torch.Tensor | None, cache: KVCache | None):
-        """Queries (B, T, E) from `query`; keys and values from `query` itself, from `memory`, or none when a
-        fixed cache holds them."""
-        E = self.d_model
-        if memory is None and (cache is None or cache.growing):  # self-attention: one product for all three
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q = F.linear(query, self.in_proj_weight[:E], self.in_proj_bias[:E])
-        if cache is not None:
-            return q, None, None
-        k, v = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
-        return q, k, v
+        if N != B:  # back to one row per beam: (N, H, G * T, ...) -> (N * G, H, T, ...)
+            out, weights = (None if x is None else x.view(N, self.heads, B // N, -1, x.size(-1)).transpose(1, 2)
+                            .reshape(B, self.heads, -1, x.size(-1)) for x in (out, weights))
+        return self.out_proj(self._merge_heads(out)), weights if need_weights else None
 
     def project_memory(self, memory: torch.Tensor) -> KVCache:
         """The cross-attention keys and values of the encoder output (B, S, E), computed once per sentence
@@ -112,9 +111,7 @@ class MultiHeadAttention(nn.Module):
         k, v = F.linear(memory, self.in_proj_weight[E:], self.in_proj_bias[E:]).chunk(2, dim=-1)
         return KVCache.fixed(self._split_heads(k), self._split_heads(v))
 
-    def _split_heads(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        if x is None:
-            return None
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, T, E) -> (B, H, T, D)
 
@@ -168,19 +165,25 @@ class KVCache:
         self.length = end
         return self.k, self.v
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
         """Row i becomes old row index[i]; rows may be repeated or dropped.
 
         Beam search keeps most beams in their parent's row (`mt.search.stable_slots`), so only the rows
-        that change are copied, and only their filled positions.
+        that change are copied, and only their filled positions. `moved` is `moved_rows(index)`, where the
+        caller has it already (one reorder of every layer's cache).
         """
         if self.k_buffer is None:
             return
         if index.numel() > self.k_buffer.size(0):  # more rows than before: a new buffer
             self.k_buffer, self.v_buffer = self.k_buffer[index], self.v_buffer[index]
             return
-        moved = (index != torch.arange(index.numel(), device=index.device)).nonzero()[:, 0]
+        moved = moved_rows(index) if moved is None else moved
         if moved.numel():
             for filled in (self.k, self.v):
-                filled[moved] = filled[index[moved]]
+                filled.index_copy_(0, moved, filled.index_select(0, index[moved]))
         self.k_buffer, self.v_buffer = self.k_buffer[: index.numel()], self.v_buffer[: index.numel()]
+
+
+def moved_rows(index: torch.Tensor) -> torch.Tensor:
+    """The rows i that a reorder by `index` changes: those with index[i] != i."""
+    return (index != torch.arange(index.numel(), device=index.device)).nonzero()[:, 0]

@@ -232,13 +232,13 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     roof_dtype = amp or torch.float32
     largest = 8192 if device.type == "cuda" else 2048
     scale, flop_unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
-    roof, size = matmul_roof(device, roof_dtype, largest)
+    roof, size = matmul_roof(device, roof_dtype, largest, min(2.0, seconds))
     slow = ", no bf16 instructions: train.precision auto trains in fp32 here" if bf16_without_instructions(
         config, device) else ""
     rows.append(Row(f"roof: {size}² matmul, {str(roof_dtype).removeprefix('torch.')}", roof / scale, flop_unit,
                     _device_name(device) + slow))
     if amp is not None:
-        fp32_roof, size = matmul_roof(device, torch.float32, largest)
+        fp32_roof, size = matmul_roof(device, torch.float32, largest, min(2.0, seconds))
         rows.append(Row(f"roof: {size}² matmul, float32", fp32_roof / scale, flop_unit))
 
     data = training_data(config, run_dir)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mt.attention import KVCache
+from mt.attention import KVCache, moved_rows
 from mt.config import ModelConfig
 from mt.layers import DecoderLayer, EncoderLayer, SinusoidalPositions
 from mt.masks import padding_mask
@@ -23,26 +23,28 @@ from mt.tokenizer import PAD
 
 @dataclass
 class DecoderCache:
-    """Per decoder layer: the growing self-attention cache and the fixed cross-attention cache, one row per
-    hypothesis in each."""
+    """Per decoder layer: the growing self-attention cache (one row per hypothesis) and the fixed
+    cross-attention cache (one row per sentence, which all of the sentence's beams read)."""
 
     self_attn: list[KVCache]
     cross_attn: list[KVCache]
-    memory_mask: torch.Tensor  # (rows, 1, 1, S)
+    memory_mask: torch.Tensor  # (sentences, 1, 1, S)
 
     @property
     def length(self) -> int:
         return self.self_attn[0].length
 
-    def reorder(self, index: torch.Tensor, sentences_changed: bool = True) -> None:
-        """Row i continues old row index[i]. The encoder's keys and values are the same for every beam of a
-        sentence, so they are reordered only when rows are added or sentences leave (`sentences_changed`)."""
+    def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """Row i continues old row index[i]. When sentences leave or move, `sentences` gives the old position of
+        each sentence kept, in the new order; the rows of a sentence stay consecutive."""
+        moved = moved_rows(index)  # the same for every layer: found once
         for cache in self.self_attn:
-            cache.reorder(index)
-        if sentences_changed or index.numel() != self.memory_mask.size(0):
+            cache.reorder(index, moved)
+        if sentences is not None:
+            moved = moved_rows(sentences)
             for cache in self.cross_attn:
-                cache.reorder(index)
-            self.memory_mask = self.memory_mask.index_select(0, index)
+                cache.reorder(sentences, moved)
+            self.memory_mask = self.memory_mask.index_select(0, sentences)
 
 
 class Transformer(nn.Module):

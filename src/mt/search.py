@@ -72,7 +72,7 @@ class CachedStepper:
         return self.model.decode_step(history[:, -1], self.cache)[0]
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
-        self.cache.reorder(index, sentences_changed=sentences is not None)
+        self.cache.reorder(index, sentences)
 
 
 class RecomputeStepper:

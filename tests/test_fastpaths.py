@@ -98,3 +98,24 @@ def test_training_forward_compiles_one_graph_per_kind_of_layer_for_every_batch_s
     # The model itself stays eager: validation and decoding run it.
     assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules())
     assert [p.data_ptr() for p in net.parameters()] == [p.data_ptr() for p in model.parameters()]
+
+
+def test_decoding_is_the_same_with_the_fast_paths_off(monkeypatch):
+    from mt.config import ModelConfig
+    from mt.search import CachedStepper, beam_search
+    from mt.tokenizer import BOS, EOS, PAD
+
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(d_model=32, heads=4, encoder_layers=2, decoder_layers=2, d_ff=64), 50).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(4.0)  # sharper: hypotheses end at different lengths
+    src = torch.randint(4, 50, (5, 8))
+    src[:, -1] = EOS
+    src[1, 5:] = PAD
+    lens = (src != PAD).sum(1) + 20  # past the preallocated length: the step-major cache grows
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fastpaths, "ENABLED", enabled)
+        hyps = beam_search(CachedStepper(model, src, 4), lens, BOS, EOS, beam_size=3, nbest=3)
+        results.append([[(h.tokens, round(h.score, 5)) for h in sentence] for sentence in hyps])
+    assert results[0] == results[1]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mt import fastpaths
 from mt.masks import causal_mask
 
 
@@ -156,14 +157,21 @@ class KVCache:
         end = self.length + k.size(2)
         if self.k_buffer is None:
             B, H, _, D = k.shape
-            self.k_buffer, self.v_buffer = (k.new_empty(B, H, max(self.max_len, end), D) for _ in range(2))
+            self.k_buffer, self.v_buffer = (fastpaths.cache_buffer(k, B, max(self.max_len, end)) for _ in range(2))
         elif end > self.k_buffer.size(2):  # longer than preallocated: double the buffer
-            self.k_buffer, self.v_buffer = (torch.cat([x, torch.empty_like(x)], dim=2)
-                                            for x in (self.k_buffer, self.v_buffer))
+            self.k_buffer, self.v_buffer = (self._grown(x, x.size(0), 2 * x.size(2)) for x in (self.k_buffer,
+                                                                                                 self.v_buffer))
         self.k_buffer[:, :, self.length : end] = k
         self.v_buffer[:, :, self.length : end] = v
         self.length = end
         return self.k, self.v
+
+    def _grown(self, x: torch.Tensor, rows: int, length: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """A new buffer of `rows` rows and `length` positions holding x's filled positions (of rows `index`)."""
+        out = fastpaths.cache_buffer(x, rows, length) if self.growing else x.new_empty(rows, *x.shape[1:])
+        filled = x[:, :, : self.length]
+        out[:, :, : self.length] = filled if index is None else filled[index]
+        return out
 
     def reorder(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
         """Row i becomes old row index[i]; rows may be repeated or dropped.
@@ -175,7 +183,8 @@ class KVCache:
         if self.k_buffer is None:
             return
         if index.numel() > self.k_buffer.size(0):  # more rows than before: a new buffer
-            self.k_buffer, self.v_buffer = self.k_buffer[index], self.v_buffer[index]
+            self.k_buffer, self.v_buffer = (self._grown(x, index.numel(), x.size(2), index) for x in (self.k_buffer,
+                                                                                                       self.v_buffer))
             return
         moved = moved_rows(index) if moved is None else moved
         if moved.numel():

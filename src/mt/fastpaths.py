@@ -7,6 +7,7 @@ class in BENCHMARKS.md; the figures are there, not here.
 
 - `attention_kernels`: which of torch's fused attention kernels run (math on the CPU; never cuDNN on CUDA).
 - `SmoothedCrossEntropy`: the label-smoothed loss with its gradient written out in one pass.
+- `cache_buffer`: a decoding cache stored position by position on the CPU.
 - `topk`: top-k of a wide row on the CPU from the maxima of chunks of it.
 - `compiled`: each encoder and decoder layer compiled by torch.compile (`train.compile`; GPU only).
 """
@@ -38,6 +39,19 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
     if device.type == "cpu":
         return sdpa_kernel([SDPBackend.MATH])
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def cache_buffer(like: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """An uninitialised (rows, H, length, D) buffer for a growing KV cache, of `like`'s (.., H, .., D) dtype and device.
+
+    On the CPU it is stored position by position, (length, rows, H, D) in memory, so that the positions filled so
+    far are one block of memory, which attention reads at every decoding step; the plain layout spreads them
+    over rows * H pieces of the preallocated length.
+    """
+    H, D = like.size(1), like.size(3)
+    if not ENABLED or like.device.type != "cpu":
+        return like.new_empty(rows, H, length, D)
+    return like.new_empty(length, rows, H, D).permute(1, 2, 0, 3)
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float

@@ -61,6 +61,50 @@ def test_a_training_step_is_the_same_with_the_fast_paths_off(monkeypatch):
         torch.testing.assert_close(fast, plain)
 
 
+def test_a_bf16_training_step_is_the_same_with_padded_rows(monkeypatch):
+    import contextlib
+
+    torch.manual_seed(0)
+    model = Transformer(load_config(TINY).model, 30).eval()
+    batch = collate([[5, 6, 7], [5, 6, 7, 8, 9, 10], [4] * 9], [[8, 9], [4, 5, 6, 7, 8], [7] * 11])  # 29 rows
+    padded = []  # the products that went through padded_linear
+    monkeypatch.setattr(fastpaths, "padded_linear", lambda *a: padded.append(a) or F.linear(*a))
+    results = []
+    for padded_rows in (fastpaths.padded_rows, lambda device: contextlib.nullcontext()):
+        monkeypatch.setattr(fastpaths, "padded_rows", padded_rows)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = loss_fn(model, batch, 0.1)
+        loss.backward()
+        results.append((loss.detach().float(), [p.grad.clone() for p in model.parameters()]))
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = results
+    assert len(padded) == 2 * 4 + 2 * 7 + 1  # every F.linear of the tiny model: 2 encoder, 2 decoder layers, output
+    torch.testing.assert_close(fast_loss, plain_loss)
+    for fast, plain in zip(fast_grads, plain_grads, strict=True):  # equal up to bf16's rounding
+        assert (fast - plain).norm() <= 1e-2 * plain.norm() + 1e-6
+
+
+def test_padded_linear_equals_f_linear_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 13, 16, dtype=torch.bfloat16, requires_grad=True)  # 39 rows, padded to 40
+    weight = torch.randn(24, 16, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.bfloat16, requires_grad=True)
+    out = fastpaths.padded_linear(x, weight, bias)
+    grads = torch.autograd.grad(out.float().square().sum(), (x, weight, bias))
+    plain = F.linear(x, weight, bias)
+    plain_grads = torch.autograd.grad(plain.float().square().sum(), (x, weight, bias))
+    assert out.shape == plain.shape == (3, 13, 24)
+    torch.testing.assert_close(out, plain)
+    for fast, slow in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-1)
+
+
+def test_padded_row_counts_add_at_most_an_eighth_and_come_in_few_sizes():
+    counts = [fastpaths.padded_row_count(rows) for rows in range(1, 8193)]
+    assert all(rows <= padded <= rows * 9 / 8 for rows, padded in zip(range(1, 8193), counts, strict=True))
+    assert len(set(counts)) <= 16 + 8 * 9  # 1..16 as they are, then 8 sizes per power of two
+
+
 @pytest.mark.parametrize("width", [8000 * 5, 8000 * 5 + 37, 2000])  # chunks fill the row or not; too narrow
 def test_topk_from_chunk_maxima_equals_torchs(width):
     torch.manual_seed(0)

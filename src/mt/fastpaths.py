@@ -6,6 +6,7 @@ the tests run the plain paths. A speed-up stays here only while it wins at least
 class in BENCHMARKS.md; the figures are there, not here.
 
 - `attention_kernels`: which of torch's fused attention kernels run (math on the CPU; never cuDNN on CUDA).
+- `padded_rows`: bf16 linear layers on the CPU given row counts from a small set, so oneDNN reuses its kernels.
 - `SmoothedCrossEntropy`: the label-smoothed loss with its gradient written out in one pass.
 - `cache_buffer`: a decoding cache stored position by position on the CPU.
 - `topk`: top-k of a wide row on the CPU from the maxima of chunks of it.
@@ -19,8 +20,10 @@ import copy
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental import _config as shapes_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 ENABLED = True
 """Whether the fast paths run; False runs the plain path of each (`mt bench --plain`, tests)."""
@@ -39,6 +42,53 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
     if device.type == "cpu":
         return sdpa_kernel([SDPBackend.MATH])
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def padded_rows(device: torch.device) -> contextlib.AbstractContextManager:
+    """Within it, bf16 linear layers on the CPU multiply `padded_row_count(rows)` rows, zeros below the real ones.
+
+    torch runs a bf16 matrix product on the CPU through oneDNN, which builds a kernel for each shape of its
+    operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (set by `mt.cli.configure_process`).
+    Building one costs more than the product itself on AMX, and translation batches bring new row counts at
+    nearly every step. Padded, a run's row counts fall into a few dozen shapes that stay cached. Each row's
+    result depends on that row alone, so the padded rows change nothing and are dropped; autograd carries the
+    padding through the backward pass. fp32 products (MKL) and CUDA run as they are.
+    """
+    if not ENABLED or device.type != "cpu":
+        return contextlib.nullcontext()
+    return _PaddedRows()
+
+
+def padded_row_count(rows: int) -> int:
+    """`rows` rounded up to a multiple of 1/8 of its power of two (as is below 16): at most 1/8 more."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed on `padded_row_count` rows of `x` (all its dimensions but the last)."""
+    rows = x.numel() // x.size(-1)
+    padded = padded_row_count(rows)
+    if padded == rows:
+        return F.linear(x, weight, bias)
+    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded - rows))  # (padded, E): zeros below
+    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+
+
+class _PaddedRows(TorchFunctionMode):
+    """Sends `F.linear` (every nn.Linear) to `padded_linear` where it computes in bf16."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and _in_bf16(args[0]):
+            return padded_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _in_bf16(x: torch.Tensor) -> bool:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 def cache_buffer(like: torch.Tensor, rows: int, length: int) -> torch.Tensor:

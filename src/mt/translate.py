@@ -46,7 +46,7 @@ def translate_ids(
     model.eval()
     device = next(model.parameters()).device
     bar = tqdm(total=len(sources), unit="sent", desc=progress, disable=None if progress else True, leave=False)
-    with fastpaths.attention_kernels(device), autocast(device, amp), bar:
+    with fastpaths.attention_kernels(device), fastpaths.padded_rows(device), autocast(device, amp), bar:
         return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar)
 
 
@@ -96,9 +96,8 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
     equal share of torch's CPU threads (CTranslate2's inter_threads and intra_threads).
 
     A decoding step is many small operations: one batch on 2 threads leaves a core idle through the ones
-    torch runs on one thread. Two batches on one thread each keep both busy: beam search 1.19x faster on 2
-    cores (scripts/decode_levers.py, BENCHMARKS.md). Each batch runs whole in one thread, so its translations
-    do not depend on which stream takes it, or when.
+    torch runs on one thread. Two batches on one thread each keep both busy (BENCHMARKS.md). Each batch runs
+    whole in one thread, so its translations do not depend on which stream takes it, or when.
     """
     if not batches:
         return
@@ -108,7 +107,8 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
         torch.set_num_threads(max(1, threads // streams))
 
     def run(batch: list[int]) -> None:
-        with torch.no_grad(), autocast(device, amp):  # thread-local settings: set them in the worker
+        # thread-local settings: set them in the worker
+        with torch.no_grad(), fastpaths.padded_rows(device), autocast(device, amp):
             work(batch)
 
     pool = ThreadPoolExecutor(streams, thread_name_prefix="mt-decode", initializer=start)

@@ -61,7 +61,7 @@ def test_a_training_step_is_the_same_with_the_fast_paths_off(monkeypatch):
         torch.testing.assert_close(fast, plain)
 
 
-def test_a_bf16_training_step_is_the_same_with_padded_rows(monkeypatch):
+def test_a_bf16_training_step_is_the_same_with_padded_rows(monkeypatch):  # model.eval(): no dropout
     import contextlib
 
     torch.manual_seed(0)
@@ -70,8 +70,8 @@ def test_a_bf16_training_step_is_the_same_with_padded_rows(monkeypatch):
     padded = []  # the products that went through padded_linear
     monkeypatch.setattr(fastpaths, "padded_linear", lambda *a: padded.append(a) or F.linear(*a))
     results = []
-    for padded_rows in (fastpaths.padded_rows, lambda device: contextlib.nullcontext()):
-        monkeypatch.setattr(fastpaths, "padded_rows", padded_rows)
+    for cpu_kernels in (fastpaths.cpu_kernels, lambda device: contextlib.nullcontext()):
+        monkeypatch.setattr(fastpaths, "cpu_kernels", cpu_kernels)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, _ = loss_fn(model, batch, 0.1)
@@ -103,6 +103,27 @@ def test_padded_row_counts_add_at_most_an_eighth_and_come_in_few_sizes():
     counts = [fastpaths.padded_row_count(rows) for rows in range(1, 8193)]
     assert all(rows <= padded <= rows * 9 / 8 for rows, padded in zip(range(1, 8193), counts, strict=True))
     assert len(set(counts)) <= 16 + 8 * 9  # 1..16 as they are, then 8 sizes per power of two
+
+
+def test_dropout16_drops_p_of_the_units_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.rand(400, 500) + 0.5
+    for p in (0.1, 0.3):
+        with fastpaths.cpu_kernels(torch.device("cpu")):
+            out = torch.nn.Dropout(p)(x)  # nn.Dropout, sent to dropout16
+        dropped = (out == 0).float().mean().item()
+        assert abs(dropped - p) < 0.005
+        kept = out != 0
+        torch.testing.assert_close(out[kept], x[kept] / (1 - round(p * 65536) / 65536))
+        assert abs(out.mean().item() / x.mean().item() - 1) < 0.01
+    assert fastpaths.dropout16(x, 0.2, training=False) is x
+    assert fastpaths.dropout16(x, 0.0) is x
+    y = x.clone()
+    assert fastpaths.dropout16(y, 0.5, inplace=True) is y and (y == 0).any()
+    leaf = x.clone().requires_grad_()
+    out = fastpaths.dropout16(leaf, 0.25)
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, out.detach() / leaf.detach())  # the gradient is the mask's scale
 
 
 @pytest.mark.parametrize("width", [8000 * 5, 8000 * 5 + 37, 2000])  # chunks fill the row or not; too narrow

@@ -6,7 +6,8 @@ the tests run the plain paths. A speed-up stays here only while it wins at least
 class in BENCHMARKS.md; the figures are there, not here.
 
 - `attention_kernels`: which of torch's fused attention kernels run (math on the CPU; never cuDNN on CUDA).
-- `padded_rows`: bf16 linear layers on the CPU given row counts from a small set, so oneDNN reuses its kernels.
+- `cpu_kernels`: on the CPU, bf16 linear layers on padded row counts (so that oneDNN reuses its kernels), and
+  dropout masks from 16 random bits.
 - `SmoothedCrossEntropy`: the label-smoothed loss with its gradient written out in one pass.
 - `cache_buffer`: a decoding cache stored position by position on the CPU.
 - `topk`: top-k of a wide row on the CPU from the maxima of chunks of it.
@@ -44,19 +45,36 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def padded_rows(device: torch.device) -> contextlib.AbstractContextManager:
-    """Within it, bf16 linear layers on the CPU multiply `padded_row_count(rows)` rows, zeros below the real ones.
+def cpu_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """Within it, on the CPU, every nn.Linear in bf16 runs `padded_linear` and every nn.Dropout `dropout16`.
 
-    torch runs a bf16 matrix product on the CPU through oneDNN, which builds a kernel for each shape of its
-    operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (set by `mt.cli.configure_process`).
-    Building one costs more than the product itself on AMX, and translation batches bring new row counts at
-    nearly every step. Padded, a run's row counts fall into a few dozen shapes that stay cached. Each row's
-    result depends on that row alone, so the padded rows change nothing and are dropped; autograd carries the
-    padding through the backward pass. fp32 products (MKL) and CUDA run as they are.
+    `padded_linear`: torch runs a bf16 matrix product on the CPU through oneDNN, which builds a kernel for each
+    shape of its operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (set by
+    `mt.cli.configure_process`). Building one costs more than the product itself on AMX, and translation
+    batches bring new row counts at nearly every step; padded, a run's row counts fall into a few dozen shapes
+    that stay cached. fp32 products (MKL) run as they are.
+
+    `dropout16`: `F.dropout` draws a Bernoulli sample per unit, which costs more than the rest of dropout.
     """
     if not ENABLED or device.type != "cpu":
         return contextlib.nullcontext()
-    return _PaddedRows()
+    return _CpuKernels()
+
+
+class _CpuKernels(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and _in_bf16(args[0]):
+            return padded_linear(*args, **kwargs)
+        if func is F.dropout:
+            return dropout16(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _in_bf16(x: torch.Tensor) -> bool:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 def padded_row_count(rows: int) -> int:
@@ -66,29 +84,63 @@ def padded_row_count(rows: int) -> int:
 
 
 def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` computed on `padded_row_count` rows of `x` (all its dimensions but the last)."""
+    """`F.linear(x, weight, bias)` in bf16, computed on `padded_row_count` rows of `x` (all its dimensions but
+    the last): zeros below the real rows, dropped from the result. Each row's result depends on that row alone.
+    """
     rows = x.numel() // x.size(-1)
     padded = padded_row_count(rows)
     if padded == rows:
         return F.linear(x, weight, bias)
-    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded - rows))  # (padded, E): zeros below
-    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+    out = _PaddedLinear.apply(x.reshape(rows, x.size(-1)), weight, bias, padded)
+    return out.view(*x.shape[:-1], weight.size(0))
 
 
-class _PaddedRows(TorchFunctionMode):
-    """Sends `F.linear` (every nn.Linear) to `padded_linear` where it computes in bf16."""
+class _PaddedLinear(torch.autograd.Function):
+    """x W^T + b in bf16 on `padded` rows, and its gradients. Autograd through `F.pad` and a slice does the same
+    products with three more passes over the rows (the pad's fill, the slice's backward into zeros, and a copy
+    of the pad's gradient); here only the padding is zeroed, once each way, while converting to bf16."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and _in_bf16(args[0]):
-            return padded_linear(*args, **kwargs)
-        return func(*args, **kwargs)
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padded: int) -> torch.Tensor:
+        x_padded = _padded_bf16(x, padded)
+        weight = weight.to(torch.bfloat16)
+        out = F.linear(x_padded, weight, None if bias is None else bias.to(torch.bfloat16))
+        ctx.save_for_backward(x_padded, weight)
+        ctx.has_bias = bias is not None
+        return out[: x.size(0)]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_padded, weight = ctx.saved_tensors
+        grad_padded = _padded_bf16(grad, x_padded.size(0))
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_x = (grad_padded @ weight)[: grad.size(0)] if need_x else None
+        grad_weight = grad_padded.t() @ x_padded if need_weight else None
+        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None
 
 
-def _in_bf16(x: torch.Tensor) -> bool:
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16
+def _padded_bf16(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, E) bf16: `x` (n, E) on top, converted in the copy, and zeros below."""
+    out = x.new_empty((rows, x.size(1)), dtype=torch.bfloat16)
+    out[: x.size(0)].copy_(x)
+    out[x.size(0) :].zero_()
+    return out
+
+
+def dropout16(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """`F.dropout` with its mask drawn from 16 random bits per unit: 64-bit random integers read as four 16-bit
+    ones. The drop probability is p rounded to a multiple of 1/65,536 (0.2 -> 0.199997), and kept units are
+    scaled by 1 / (1 - that), so the mean stays exact."""
+    if not training or p == 0.0:
+        return x
+    levels = 1 << 16
+    drop = round(p * levels)  # of the 65,536 values a 16-bit draw takes, those that drop a unit
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
+    keep = words.view(torch.int16)[:n].view(x.shape) >= drop - levels // 2
+    scale = keep.to(x.dtype).mul_(levels / (levels - drop))  # 0 or 1 / (1 - p)
+    return x.mul_(scale) if inplace else x * scale
 
 
 def cache_buffer(like: torch.Tensor, rows: int, length: int) -> torch.Tensor:

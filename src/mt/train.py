@@ -97,7 +97,7 @@ def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tup
     `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so that
     DDP sees the forward pass.
     """
-    with fastpaths.attention_kernels(batch.src.device), fastpaths.padded_rows(batch.src.device):
+    with fastpaths.attention_kernels(batch.src.device), fastpaths.cpu_kernels(batch.src.device):
         logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only the real target positions
     target = batch.tgt_out.flatten().index_select(0, batch.real)  # (N,)
     return fastpaths.label_smoothed_loss(logits, target, label_smoothing)

@@ -416,6 +416,42 @@ def average(
 
 @app.command()
 @_errors_exit_2
+def serve(
+    run: RunOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Source tokens decoded together at most.")] = 4096,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to share its "
+                                               "batch.")] = 10.0,
+    max_chars: Annotated[int, typer.Option(min=1, help="Characters in one text at most.")] = 2000,
+    max_texts: Annotated[int, typer.Option(min=1, help="Texts in one request at most.")] = 1000,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Bytes of one request body at most.")] = 4 << 20,
+    max_beam: Annotated[int, typer.Option(min=1, help="The widest beam a request may ask for.")] = 16,
+    runs_dir: RunsDirOption = Path("runs"),
+    device: DeviceOption = "auto",
+    weights: WeightsOption = None,
+) -> None:
+    """Serve a run over HTTP: POST /translate, a page to try it at /, the API's docs at /docs.
+
+    Needs the serve extra (pip install -e '.[serve]'). Example: mt serve --run runs/multi30k, then
+    curl -s localhost:8000/translate -H 'content-type: application/json' -d '{"text": "Un chat dort."}'
+    """
+    from mt.serve import Limits, require_extra
+    from mt.serve import serve as run_server
+    from mt.translate import Translator
+
+    _setup_logging()
+    require_extra()  # a missing extra is reported before the model loads
+    run_dir = _run_folder(run, runs_dir)
+    translator = Translator.load(run_dir, device=device, weights=weights)
+    limits = Limits(max_chars=max_chars, max_texts=max_texts, max_body_bytes=max_body_bytes, max_beam=max_beam,
+                    max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
+    run_server(translator, run_dir.name, host, port, limits, ready=lambda line: typer.echo(line, err=True))
+    typer.echo("stopped", err=True)
+
+
+@app.command()
+@_errors_exit_2
 def tune(
     run: RunOption = None,
     beams: Annotated[str, typer.Option(help="Beam sizes to try, comma-separated.")] = ",".join(map(str, TUNE_BEAMS)),

@@ -5,6 +5,7 @@ matplotlib is an optional extra (`pip install 'mt[plot]'`); without it these rai
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,6 +96,16 @@ def training_figure(run_dirs: Sequence[Path]):
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def png(fig, dpi: int = 90) -> bytes:
+    """`fig` as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+    return buffer.getvalue()
 
 
 def save(fig, path: Path) -> Path:

@@ -707,3 +707,18 @@ def test_device_name_gives_the_cpus_widest_vector_instructions(monkeypatch):
                          ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX"), ({"sse2"}, "no AVX2")):
         monkeypatch.setattr("mt.devices.cpu_flags", lambda flags=flags: frozenset(flags))
         assert bench._device_name(torch.device("cpu")).endswith(f" threads, {named}")
+
+
+def test_translate_samples_reproducibly_and_completes_a_prefix(tiny_run):
+    run_dir, text = tiny_run / "runs" / "tiny", "Un homme fait du vélo."
+    greedy = run("translate", "--run", run_dir, "--beam", "1", text)
+    assert greedy.exit_code == 0, greedy.output
+    assert run("translate", "--run", run_dir, "--sample", "topk=1", text).stdout == greedy.stdout
+    draws = [run("translate", "--run", run_dir, "--sample", "topp=0.9", "--temperature", "1.5", "--seed", seed,
+                 "--json", text, "\nDeux chiens jouent.").stdout for seed in ("3", "3")]
+    assert draws[0] == draws[1] and len(draws[0].splitlines()) == 2
+    prefixed = run("translate", "--run", run_dir, "--prefix", "Two dogs", text)
+    assert prefixed.exit_code == 0 and prefixed.stdout.startswith("Two dogs"), prefixed.output
+    one_line_error(run("translate", "--run", run_dir, "--sample", "topq=3", text), r"--sample: expected topk=K")
+    one_line_error(run("translate", "--run", run_dir, "--sample", "topk=2", "--beam", "3", text),
+                   "neither --beam nor --nbest")

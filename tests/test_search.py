@@ -13,6 +13,7 @@ from mt.model import Transformer
 from mt.search import (
     CachedStepper,
     RecomputeStepper,
+    Sampling,
     beam_search,
     best_extensions,
     best_tokens,
@@ -221,3 +222,75 @@ def test_an_error_in_a_decoding_stream_reaches_the_caller(model_and_src, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+# Sampling and forced prefixes
+
+
+class Unigram:
+    """A stepper whose next-token distribution is the same at every step: EOS 0.1, A 0.2, B 0.3, C 0.4."""
+
+    PROBS = {EOS: 0.1, 4: 0.2, 5: 0.3, 6: 0.4}
+
+    def step(self, history):
+        logits = torch.full((history.size(0), 8), float("-inf"))
+        for token, p in self.PROBS.items():
+            logits[:, token] = math.log(p)
+        return logits
+
+    def reorder(self, index, sentences=None):
+        pass
+
+
+@pytest.mark.parametrize(("sampling", "expected"), [
+    (Sampling(), {EOS: 0.1, 4: 0.2, 5: 0.3, 6: 0.4}),
+    (Sampling(top_k=2), {5: 3 / 7, 6: 4 / 7}),
+    (Sampling(top_p=0.5), {5: 3 / 7, 6: 4 / 7}),  # C (0.4) alone falls short of 0.5; C and B reach it
+    (Sampling(temperature=0.5), {EOS: 0.01 / 0.30, 4: 0.04 / 0.30, 5: 0.09 / 0.30, 6: 0.16 / 0.30}),
+])
+def test_sampled_tokens_and_bigrams_follow_the_distribution(sampling, expected):
+    n = 6000
+    hyps = greedy_search(Unigram(), torch.full((n,), 3), BOS, EOS, replace(sampling, seed=1))
+    first = [h.tokens[0] if h.tokens else EOS for h in hyps]
+    for token, p in expected.items():  # 4 standard deviations of a count of n draws
+        assert abs(first.count(token) / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert set(first) <= set(expected)
+    pairs = [tuple(h.tokens[:2]) for h in hyps if len(h.tokens) >= 2]
+    top = max(expected, key=expected.get)
+    share = pairs.count((top, top)) / n  # each step draws afresh: P(C C) = P(C)²
+    assert abs(share - expected[top] ** 2) < 4 * math.sqrt(expected[top] ** 2 / n)
+    for h in hyps:  # a hypothesis's log-probability is the model's, whatever the sampling
+        assert h.log_prob == pytest.approx(sum(math.log(Unigram.PROBS[t]) for t in h.tokens + [EOS])
+                                           if len(h.tokens) < 3 else sum(math.log(Unigram.PROBS[t]) for t in h.tokens))
+
+
+def test_sampling_from_the_top_token_is_greedy_and_a_seed_repeats(model_and_src):
+    model, src = model_and_src
+    greedy = greedy_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS)
+    top1 = greedy_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS, Sampling(top_k=1, seed=5))
+    assert [h.tokens for h in top1] == [h.tokens for h in greedy]
+    draws = [[h.tokens for h in greedy_search(CachedStepper(model, src, 16), lengths(src), BOS, EOS,
+                                              Sampling(temperature=2.0, seed=seed))] for seed in (7, 7, 8)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_prefix_starts_every_output_and_its_continuation_is_the_searchs(model_and_src, beam):
+    model, src = model_and_src
+
+    def search(prefix=None):
+        stepper = CachedStepper(model, src, 16)
+        if beam == 1:
+            return [h.tokens for h in greedy_search(stepper, lengths(src), BOS, EOS, prefix=prefix)]
+        return [h[0].tokens for h in beam_search(stepper, lengths(src), BOS, EOS, beam_size=beam, prefix=prefix)]
+
+    free = search()
+    forced_tokens = [[7, 8], [9], [], [10, 11, 12], [13]]
+    prefix = torch.tensor([p + [-1] * (3 - len(p)) for p in forced_tokens])
+    outputs = search(prefix)
+    for tokens, wanted in zip(outputs, forced_tokens, strict=True):
+        assert tokens[: len(wanted)] == wanted
+    assert outputs[2] == free[2]  # no prefix: the search as it was
+    if beam == 1:  # the search's own first token as the prefix: the same output
+        own = torch.tensor([[t[0]] if t else [-1] for t in free])
+        assert search(own) == free

@@ -457,6 +457,48 @@ def _changes(saved: Config, config: Config, section: str) -> list[str]:
     return [f"{section}.{key}: {before[key]} → {after[key]}" for key in before if before[key] != after[key]]
 
 
+# What a fine-tuning run may set otherwise than its parent: regularisation, not the weights' shapes.
+FINE_TUNING_FREE = ("model.dropout", "model.attention_dropout", "model.activation_dropout")
+
+
+def with_parent(config: Config) -> Config:
+    """`config` for a run that starts from the weights and tokenizer of the run `config.init_from` (fine-tuning):
+    its model and tokenizer sections are the parent's, except the dropout rates. Keys of those sections that
+    `config` leaves at their defaults are taken from the parent.
+
+    Raises:
+        CheckpointError: if the parent is not a run folder with weights to start from.
+        ConfigError: if `config` sets a model or tokenizer key to another value than the parent's, naming it.
+    """
+    parent = check_run(Path(config.init_from).expanduser())
+    parent_weights(parent)
+    saved, default = load_run_config(parent / CONFIG), Config()
+    kept = {section: config_to_dict(saved)[section] for section in ("model", "tokenizer")}
+    asked = {section: config_to_dict(config)[section] for section in ("model", "tokenizer")}
+    defaults = {section: config_to_dict(default)[section] for section in ("model", "tokenizer")}
+    changed = [f"{section}.{key}: {kept[section][key]} → {value}" for section in kept
+               for key, value in asked[section].items()
+               if value != kept[section][key] and value != defaults[section][key]
+               and f"{section}.{key}" not in FINE_TUNING_FREE]
+    if changed:
+        raise ConfigError(f"init_from {parent}: a fine-tuned run keeps its parent's model and tokenizer, but this "
+                          f"config changes {'; '.join(changed[:4])}; leave those keys out (or as the parent has them)")
+    dropouts = {key.split(".")[1]: getattr(config.model, key.split(".")[1]) for key in FINE_TUNING_FREE}
+    return replace(config, init_from=str(parent), model=replace(saved.model, **dropouts), tokenizer=saved.tokenizer)
+
+
+def parent_weights(parent: Path) -> Path:
+    """The checkpoint a fine-tuned run starts from: the parent's best.pt, else its last.pt.
+
+    Raises:
+        CheckpointError: if it has neither.
+    """
+    for name in (BEST, LAST):
+        if (parent / name).is_file():
+            return parent / name
+    raise CheckpointError(f"init_from {parent}: it has neither {BEST} nor {LAST} to start from")
+
+
 def check_trainable(config: Config) -> None:
     """What training needs of a config beyond what loading one checks (a saved run's config that fails here
     still translates).

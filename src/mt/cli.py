@@ -127,13 +127,16 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder of the same "
                                             "name first.")] = False,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Fine-tune: start from this run's weights "
+                                                   "and tokenizer, with a new optimizer and schedule.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors (the run folder is "
                                         "still printed).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages too.")] = False,
 ) -> None:
     """Train a tokenizer and a Transformer; the run folder is runs/<name>/.
 
-    Example: MT_DATA_PATH=../shared/data mt train --config configs/tiny.yaml --set train.max_steps=100
+    Example: MT_DATA_PATH=../shared/data mt train --config configs/tiny.yaml --set train.max_steps=100;
+    fine-tuning: mt train --config domain.yaml --init-from runs/multi30k
     """
     from mt.checkpoint import in_its_own_folder
     from mt.config import load_config
@@ -142,6 +145,8 @@ def train(
     _setup_logging(quiet, verbose)
     if resume and overwrite:
         raise MtError("--resume and --overwrite exclude each other")
+    if init_from is not None:  # the same as init_from in the config: recorded in the run's config.yaml
+        overrides = [*(overrides or []), f"init_from={init_from}"]
     cfg = load_config(config, overrides or [])
     if resume and config is not None:
         cfg = in_its_own_folder(cfg, config, overrides or [])
@@ -169,6 +174,13 @@ def translate(
     head: Annotated[int | None, typer.Option(min=1, help="With --attention: only this head (1-based).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", help="Prompt for sentences (the default when "
                                               "stdin is a terminal and no text is given).")] = False,
+    sample: Annotated[str | None, typer.Option(help="Draw each token at random instead of searching: topk=K "
+                                               "(from the K most probable) or topp=P (nucleus), or all.")] = None,
+    temperature: Annotated[float, typer.Option(min=0.01, help="With --sample: below 1 sharper, above 1 "
+                                               "flatter.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0, help="With --sample: the same seed gives the same output.")] = 0,
+    prefix: Annotated[str | None, typer.Option(help="Start every translation with this English text, then "
+                                               "continue it (autocompletion).")] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -192,6 +204,11 @@ def translate(
         raise MtError("--layer and --head go with --attention")
     if text is not None:
         check_text(text, "TEXT")
+    sampling = _sampling(sample, temperature, seed) if sample is not None else None
+    if sampling is not None and ((beam or 1) != 1 or nbest != 1):
+        raise MtError("--sample draws one translation token by token: it goes with neither --beam nor --nbest")
+    if prefix is not None:
+        check_text(prefix, "--prefix")
     translator = Translator.load(_run_folder(run, runs_dir), device=device, weights=weights)
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
@@ -202,7 +219,8 @@ def translate(
 
     def emit(lines: list[str]) -> None:
         nonlocal emitted
-        for line, options in zip(lines, translator.translate_nbest(lines, beam, nbest=nbest), strict=True):
+        outputs = translator.translate_nbest(lines, beam, nbest=nbest, sampling=sampling, prefix=prefix)
+        for line, options in zip(lines, outputs, strict=True):
             if as_json:
                 typer.echo(json.dumps({"source": line, "translations": [
                     {"text": t.text, "score": round(t.score, 4)} for t in options]}, ensure_ascii=False))
@@ -240,6 +258,27 @@ def translate(
     else:
         for chunk in in_chunks(decode_lines(sys.stdin.buffer, "stdin")):  # translated as lines arrive
             emit(chunk)  # typer.echo flushes: each chunk reaches the reader at once
+
+
+def _sampling(spec: str, temperature: float, seed: int):
+    """The Sampling that `--sample topk=K|topp=P|all` asks for.
+
+    Raises:
+        MtError: for any other spec.
+    """
+    from mt.search import Sampling
+
+    name, _, value = spec.strip().partition("=")
+    try:
+        if name == "all" and not value:
+            return Sampling(temperature=temperature, seed=seed)
+        if name == "topk" and int(value) >= 1:
+            return Sampling(top_k=int(value), temperature=temperature, seed=seed)
+        if name == "topp" and 0.0 < float(value) <= 1.0:
+            return Sampling(top_p=float(value), temperature=temperature, seed=seed)
+    except ValueError:
+        pass
+    raise MtError(f"--sample: expected topk=K (K >= 1), topp=P (0 < P <= 1) or all; got {spec!r}")
 
 
 def input_line(prompt: str) -> str:
@@ -331,6 +370,8 @@ def info(folder: Annotated[Path | None, typer.Argument(help="Run folder (default
     tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
     params = Transformer(config.model, tokenizer.vocab_size).num_parameters()
     typer.echo(f"run: {run_dir}\nparameters: {params:,}\nvocabulary: {tokenizer.vocab_size} SentencePiece pieces")
+    if config.init_from:
+        typer.echo(f"fine-tuned from: {config.init_from}")
     stats = run_dir / checkpoint.DATA_STATS
     if stats.is_file():
         try:

@@ -142,6 +142,8 @@ class DecodeConfig:
 class Config:
     name: str = option("multi30k", "run name: the run folder is runs_dir/name")
     runs_dir: str = option("runs", "folder that holds run folders")
+    init_from: str = option("", "run folder whose weights and tokenizer this run starts from (fine-tuning; "
+                            "mt train --init-from): its model and tokenizer sections are the parent's")
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -135,6 +135,55 @@ def best_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Random sampling of each next token instead of the most probable one (`mt translate --sample`): from the
+    `top_k` most probable tokens (0: all of them), or from the fewest whose probabilities add up to `top_p`
+    (nucleus sampling), after dividing the log-probabilities by `temperature` (below 1: sharper)."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def sampled_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits -> a token drawn for each row as `sampling` says, and its log-probability under the model."""
+    log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
+    weights = log_probs / sampling.temperature  # log-weights, each row up to a constant
+    if sampling.top_k:
+        kth = weights.topk(min(sampling.top_k, weights.size(-1)), dim=-1).values[:, -1:]
+        weights = weights.masked_fill(weights < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ranked, order = weights.sort(dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more probable tokens
+        ranked = ranked.masked_fill(before >= sampling.top_p, float("-inf"))  # the first to reach top_p stays
+        weights = torch.full_like(weights, float("-inf")).scatter_(1, order, ranked)
+    token = torch.multinomial(weights.softmax(dim=-1), 1, generator=generator)[:, 0]  # (N,)
+    return log_probs.gather(1, token[:, None])[:, 0], token
+
+
+def forced(logits: torch.Tensor, prefix: torch.Tensor | None, step: int, sentences: torch.Tensor) -> torch.Tensor:
+    """`logits` (R, V) with the rows whose sentence has a prefix token at `step` left only that token (its
+    log-probability becomes 0).
+
+    Args:
+        prefix: (N, P) token ids each output must start with, -1 after a sentence's own prefix; or None.
+        sentences: (R,) the sentence of each row.
+    """
+    if prefix is None or step >= prefix.size(1):
+        return logits
+    wanted = prefix[sentences, step]  # (R,)
+    rows = (wanted >= 0).nonzero()[:, 0]
+    if not rows.numel():
+        return logits
+    logits = logits.float().index_fill(0, rows, float("-inf"))
+    logits[rows, wanted[rows]] = 0.0
+    return logits
+
+
 def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n best extensions of each sentence's beams: scores + log-probabilities, ranked over all k beams.
 
@@ -152,13 +201,20 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
 
 
 @torch.no_grad()
-def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) -> list[Hypothesis]:
-    """The most probable next token at each step, until EOS or the sentence's maximum length.
+def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
+                  sampling: Sampling | None = None, prefix: torch.Tensor | None = None) -> list[Hypothesis]:
+    """The most probable next token at each step (or one drawn as `sampling` says), until EOS or the sentence's
+    maximum length.
 
     Args:
         stepper: prepared for len(max_lens) sentences.
         max_lens: (N,) most tokens to produce per sentence, EOS included.
+        sampling: draw each token at random, from a generator seeded with `sampling.seed`.
+        prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`.
     """
+    generator = None
+    if sampling is not None:
+        generator = torch.Generator(max_lens.device).manual_seed(sampling.seed)
     n = len(max_lens)
     device = max_lens.device
     history = torch.full((n, 1), bos, dtype=torch.long, device=device)
@@ -167,7 +223,8 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int) 
     results: list[Hypothesis | None] = [None] * n
     step = 0
     while alive.numel():
-        best_lp, best = best_tokens(stepper.step(history))
+        logits = forced(stepper.step(history), prefix, step, alive)
+        best_lp, best = best_tokens(logits) if sampling is None else sampled_tokens(logits, sampling, generator)
         log_prob += best_lp
         history = torch.cat([history, best[:, None]], dim=1)
         step += 1
@@ -195,6 +252,7 @@ def beam_search(
     beam_size: int,
     length_penalty: float = 1.0,
     nbest: int = 1,
+    prefix: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search: keeps the `beam_size` best prefixes of each sentence.
 
@@ -206,6 +264,8 @@ def beam_search(
         stepper: prepared for len(max_lens) sentences. All beams start from BOS, so the first step runs one
             row per sentence; its best extensions then fill beam_size rows per sentence.
         max_lens: (N,) most tokens to produce per sentence, EOS included.
+        prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`. Their
+            log-probabilities count as 0 in the scores.
 
     Returns:
         For each sentence, its `nbest` hypotheses, best first.
@@ -221,7 +281,7 @@ def beam_search(
     step = 0
     while alive.numel():
         groups = alive.numel()
-        logits = stepper.step(history)  # (groups * beams, V)
+        logits = forced(stepper.step(history), prefix, step, alive.repeat_interleave(beams))  # (groups * beams, V)
         vocab = logits.size(-1)
         top_scores, top_index = best_extensions(logits.view(groups, beams, vocab), scores, 2 * k)  # best first
         top_beam, top_token = top_index // vocab, top_index % vocab

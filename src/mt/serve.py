@@ -144,9 +144,15 @@ class Batcher:
         try:
             with self.lock:
                 outputs = self.translate([request.texts[i] for request, i in batch], beam_size, nbest)
-        except BaseException as e:  # the requests in this batch fail; the server goes on
-            log.exception("decoding a batch failed")
-            for request in {id(r): r for r, _ in batch}.values():
+        except BaseException as e:  # the requests in this batch fail, with what is left of them; the server goes on
+            if isinstance(e, MtError):
+                log.warning("a batch failed: %s", e)
+            else:
+                log.exception("decoding a batch failed")
+            failed = {id(r): r for r, _ in batch}
+            with self.changed:
+                self.waiting = deque(w for w in self.waiting if id(w[1]) not in failed)
+            for request in failed.values():
                 if not request.future.done():
                     request.future.set_exception(e)
             return
@@ -223,6 +229,7 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         text: str = Field(description="One French text.")
         layer: int | None = Field(None, ge=1, description="The decoder layer to draw (default: the last).")
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
         batcher = Batcher(lambda texts, beam, nbest: translator.translate_nbest(texts, beam, nbest=nbest),

@@ -43,6 +43,7 @@ from mt.data import (
 from mt.devices import autocast, autocast_dtype, bf16_without_instructions, resolve_device, training_precision
 from mt.errors import CheckpointError, DataError, Interrupted, MtError
 from mt.evaluate import bleu
+from mt.files import write_bytes
 from mt.model import Transformer
 from mt.translate import translate_ids
 
@@ -177,6 +178,8 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
         MtError: for bad config values, data or run folders, before any training starts.
         Interrupted: after saving a checkpoint, on SIGINT or SIGTERM.
     """
+    if config.init_from:  # fine-tuning: the parent's model and tokenizer, checked before anything else
+        config = checkpoint.with_parent(config)
     ctx = distributed.setup()
     logger = logging.getLogger("mt")
     level = logger.level
@@ -202,6 +205,9 @@ def train(config: Config, resume: bool = False, overwrite: bool = False, show_pr
                             "training goes on until Ctrl-C")
             if ctx.is_main:
                 save_config(config, run_dir / checkpoint.CONFIG)
+                if config.init_from and not (run_dir / checkpoint.TOKENIZER).is_file():  # the parent's, as it is
+                    write_bytes(run_dir / checkpoint.TOKENIZER,
+                                (Path(config.init_from) / checkpoint.TOKENIZER).read_bytes())
             signals.phase = "preparing the data"
             data = _main_first(ctx, lambda: prepare_data(config, run_dir))
             trainer = Trainer(config, data, ctx, run_dir, resuming)
@@ -295,6 +301,10 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
         self.model = Transformer(config.model, data.tokenizer.vocab_size).to(self.device)
+        if config.init_from and not resume:  # fine-tuning: the parent's weights, a new optimizer and schedule
+            weights = checkpoint.parent_weights(Path(config.init_from))
+            self.model.load_state_dict(checkpoint.load(weights, map_location=self.device)["model"])
+            log.info("starting from the weights of %s", weights)
         log.info("model: %s parameters, device %s, %s", f"{self.model.num_parameters():,}", self.device,
                  training_precision(config, self.amp))
         self.per_step = tc.accumulate * self.ctx.world  # batches per update, over all ranks

@@ -21,7 +21,15 @@ from mt.data import check_text, collate, normalize_text
 from mt.devices import autocast, autocast_dtype, pick_device
 from mt.errors import CheckpointError, ConfigError, MtError
 from mt.model import Transformer
-from mt.search import CachedStepper, Hypothesis, RecomputeStepper, beam_search, greedy_search, max_lengths
+from mt.search import (
+    CachedStepper,
+    Hypothesis,
+    RecomputeStepper,
+    Sampling,
+    beam_search,
+    greedy_search,
+    max_lengths,
+)
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,9 +44,14 @@ def translate_ids(
     use_cache: bool = True,
     amp: torch.dtype | None = None,
     progress: str | None = None,
+    sampling: Sampling | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Translates token-id sentences (no EOS) with greedy (beam_size 1) or beam search, under autocast to
-    `amp` when given. `progress` names a progress bar (shown on a terminal only).
+    `amp` when given. `progress` names a progress bar (shown on a terminal only). With `sampling` (beam size
+    1) each token is drawn at random; each batch seeds its own generator from `sampling.seed` and its first
+    sentence, so that the outputs do not depend on which stream decodes it. `prefixes` gives the target tokens
+    each output starts with.
 
     Returns:
         For each source, in order, its `nbest` hypotheses (1 for greedy), best first.
@@ -47,10 +60,11 @@ def translate_ids(
     device = next(model.parameters()).device
     bar = tqdm(total=len(sources), unit="sent", desc=progress, disable=None if progress else True, leave=False)
     with fastpaths.attention_kernels(device), fastpaths.cpu_kernels(device), autocast(device, amp), bar:
-        return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar)
+        return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, sampling, prefixes)
 
 
-def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar) -> list[list[Hypothesis]]:
+def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, sampling=None,
+                   prefixes=None) -> list[list[Hypothesis]]:
     limit = model.config.max_positions - 1
     sources = [list(s[:limit]) for s in sources]
     results: list[list[Hypothesis]] = [[] for _ in sources]
@@ -59,10 +73,16 @@ def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar) -
         src = collate([sources[i] for i in batch]).src.to(device)
         max_lens = max_lengths((src != PAD).sum(1), decode.max_len_a, decode.max_len_b, limit)
         stepper = CachedStepper(model, src, int(max_lens.max())) if use_cache else RecomputeStepper(model, src)
+        prefix = None
+        if prefixes is not None and any(prefixes[i] for i in batch):
+            width = max(len(prefixes[i]) for i in batch)
+            prefix = torch.tensor([list(prefixes[i]) + [-1] * (width - len(prefixes[i])) for i in batch],
+                                  device=device)  # (B, P), -1 after each sentence's own prefix
         if decode.beam_size == 1:
-            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS)]
+            batch_sampling = None if sampling is None else replace(sampling, seed=sampling.seed * 1_000_003 + batch[0])
+            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS, batch_sampling, prefix)]
         else:
-            hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest)
+            hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest, prefix)
         for i, h in zip(batch, hyps, strict=True):
             results[i] = h
         bar.update(len(batch))
@@ -177,18 +197,28 @@ class Translator:
 
     def translate_nbest(
         self, texts: Iterable[str], beam_size: int | None = None, length_penalty: float | None = None,
-        nbest: int = 1, progress: str | None = None,
+        nbest: int = 1, progress: str | None = None, sampling: Sampling | None = None,
+        prefix: str | Sequence[str] | None = None,
     ) -> list[list[Translation]]:
         """The `nbest` best translations of each text, best first. A blank text gives `nbest` empty ones.
+        With `sampling`, one translation drawn at random (beam size 1). With `prefix` (one for all texts, or one
+        per text), each translation starts with it.
 
         Raises:
             TypeError: for one string rather than a list of them (it would be translated letter by letter).
-            ValueError: for a beam size or `nbest` below 1, or an `nbest` above the beam size.
+            ValueError: for a beam size or `nbest` below 1, or an `nbest` above the beam size; for sampling
+                with a beam or an n-best list, or sampling settings out of range.
         """
         if isinstance(texts, str):
             raise TypeError(f"translate a list of texts: [{texts!r}], not one string")
         texts = list(texts)  # a generator is read once, here
         decode = self.config.decode
+        if sampling is not None:
+            if (beam_size or 1) != 1 or nbest != 1:
+                raise ValueError("sampling draws one translation token by token: it takes no beam and no nbest")
+            if sampling.top_k < 0 or not 0.0 < sampling.top_p <= 1.0 or not sampling.temperature > 0.0:
+                raise ValueError(f"sampling needs top_k >= 0, 0 < top_p <= 1 and temperature > 0, got {sampling}")
+            beam_size = 1
         if beam_size is not None:
             if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
                 raise ValueError(f"beam_size must be an integer of at least 1 (1 = greedy), got {beam_size!r}")
@@ -201,7 +231,18 @@ class Translator:
         if length_penalty is not None:
             decode = replace(decode, length_penalty=length_penalty)
         sources = self.encode(texts)
-        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress)
+        prefixes = None
+        if prefix is not None:
+            prefixes = [prefix] * len(texts) if isinstance(prefix, str) else list(prefix)
+            if len(prefixes) != len(texts):
+                raise ValueError(f"{len(prefixes)} prefixes for {len(texts)} texts")
+            clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
+            for number, text in enumerate(prefixes, start=1):
+                check_text(text, f"prefix {number}")
+            prefixes = [ids[: self.config.model.max_positions - 2] for ids in self.tokenizer.encode(
+                [clean(p) for p in prefixes])]
+        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress,
+                             sampling=sampling, prefixes=prefixes)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             if not text.strip():

@@ -722,3 +722,17 @@ def test_translate_samples_reproducibly_and_completes_a_prefix(tiny_run):
     one_line_error(run("translate", "--run", run_dir, "--sample", "topq=3", text), r"--sample: expected topk=K")
     one_line_error(run("translate", "--run", run_dir, "--sample", "topk=2", "--beam", "3", text),
                    "neither --beam nor --nbest")
+
+
+@pytest.mark.slow
+def test_importing_mt_changes_nothing_and_the_command_sets_its_process_settings():
+    code = ("import os; before = dict(os.environ)\n"
+            "import mt, mt.cli, mt.serve, mt.train, mt.translate\n"
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n"
+            "mt.cli.configure_process(); print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    for exported, expected in ((None, "256"), ("64", "64")):  # a value the user exported wins
+        extra = {} if exported is None else {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": exported}
+        result = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr

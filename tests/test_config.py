@@ -132,3 +132,13 @@ def test_a_saved_run_config_loads_though_training_would_refuse_it(tmp_path):
 def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
     text = "data:\n  valid: &pair {src: a.fr, tgt: a.en}\n  test:\n    <<: *pair\n    src: b.fr\n"
     assert load_config(write(tmp_path, text)).data.test == {"src": "b.fr", "tgt": "a.en"}
+
+
+def test_a_run_saved_before_a_top_level_key_was_added_still_loads(tmp_path):
+    import yaml
+
+    from mt.config import ADDED_TOP_LEVEL, config_to_dict, load_run_config
+
+    saved = {k: v for k, v in config_to_dict(Config()).items() if k not in ADDED_TOP_LEVEL}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    assert load_run_config(tmp_path / "config.yaml") == Config()

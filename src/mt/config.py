@@ -161,6 +161,8 @@ REMOVED = {
     "train.attention": "mt chooses the attention kernels itself (mt.fastpaths.attention_kernels)",
 }
 RENAMED_VALUES = {("train.precision", "bf16-weights"): "bf16"}
+# Top-level keys added since: a run saved before them lacks them, and they take their defaults.
+ADDED_TOP_LEVEL = {"init_from"}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -188,14 +190,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def load_run_config(path: Path) -> Config:
     """A run's saved config.yaml. mt writes every section into it: one that lacks a section was emptied or cut
     short, and the built-in defaults in the section's place would decode or resume with settings the run never
-    had. Keys missing inside a section still take their defaults: a run saved by an older mt lacks the keys
-    added since.
+    had. Keys missing inside a section, and the top-level keys in ADDED_TOP_LEVEL, still take their defaults: a
+    run saved by an older mt lacks the keys added since.
 
     Raises:
         ConfigError: naming the file and what it lacks, or as `load_config`.
     """
     raw = _without_removed(_read_sections(path))
-    missing = [f.name for f in fields(Config) if f.name not in raw]
+    missing = [f.name for f in fields(Config) if f.name not in raw and f.name not in ADDED_TOP_LEVEL]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: a run's config holds every section, so this one "
                           "was emptied or cut short; restore it, e.g. from a copy of the run")

@@ -32,10 +32,12 @@ CorpusList = str | dict[str, str] | list
 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           above: float | None = None, inf: bool = False) -> Any:
+           above: float | None = None, inf: bool = False, empty: bool = False) -> Any:
     """A config field with its help text (shown in the README's reference), an allowed range (`above`: a
-    bound the value must exceed), and whether `.inf` is a meaningful value of it (NaN never is)."""
-    return field(default=default, metadata={"help": help, "min": min, "max": max, "above": above, "inf": inf})
+    bound the value must exceed), whether `.inf` is a meaningful value of it (NaN never is), and whether a
+    string may be empty."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "above": above, "inf": inf,
+                                            "empty": empty})
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class Config:
     name: str = option("multi30k", "run name: the run folder is runs_dir/name")
     runs_dir: str = option("runs", "folder that holds run folders")
     init_from: str = option("", "run folder whose weights and tokenizer this run starts from (fine-tuning; "
-                            "mt train --init-from): its model and tokenizer sections are the parent's")
+                            "mt train --init-from): its model and tokenizer sections are the parent's",
+                            empty=True)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -432,10 +435,11 @@ def _check(value: Any, hint: Any, meta: dict, key: str, source: str) -> Any:
         if math.isinf(value) and not meta.get("inf"):
             fail("a finite number")
     elif hint is str:
+        what = "a string" if meta.get("empty") else "a non-empty string"
         if isinstance(value, bool | int | float):  # YAML reads 2024, no, off... as numbers and booleans
-            fail("a non-empty string (quote it: YAML reads some words and numbers as other types)")
-        if not isinstance(value, str) or not value:
-            fail("a non-empty string")
+            fail(f"{what} (quote it: YAML reads some words and numbers as other types)")
+        if not isinstance(value, str) or not (value or meta.get("empty")):
+            fail(what)
     elif isinstance(hint, types.UnionType):
         raise AssertionError(f"unsupported config type {hint}")
     low, high = meta.get("min"), meta.get("max")

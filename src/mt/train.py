@@ -92,13 +92,16 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: f
     return loss, nll.detach()
 
 
-def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(model: torch.nn.Module, batch: Batch, label_smoothing: float, compiled: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's summed label-smoothed loss and summed NLL over its real target tokens.
 
     `model` is a Transformer or its DistributedDataParallel wrapper: it is called, not taken apart, so that
-    DDP sees the forward pass.
+    DDP sees the forward pass. `compiled`: its layers are compiled, and inductor chooses their kernels.
     """
-    with fastpaths.attention_kernels(batch.src.device), fastpaths.cpu_kernels(batch.src.device):
+    device = batch.src.device
+    kernels = contextlib.nullcontext() if compiled else fastpaths.cpu_kernels(device)
+    with fastpaths.attention_kernels(device), kernels:
         logits = model(batch.src, batch.tgt_in, batch.real)  # (N, V): only the real target positions
     target = batch.tgt_out.flatten().index_select(0, batch.real)  # (N,)
     return fastpaths.label_smoothed_loss(logits, target, label_smoothing)
@@ -514,7 +517,7 @@ class Trainer:
                 last = i == len(batches) - 1
                 sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
                 with sync, autocast(self.device, self.amp):
-                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing)
+                    loss, _ = loss_fn(self.net, batch, tc.label_smoothing, compiled=tc.compile)
                 (loss * scale).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError:

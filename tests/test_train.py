@@ -262,8 +262,8 @@ def poison_training_steps(monkeypatch, steps):
 
     real_loss, calls = mt.train.loss_fn, {"n": 0}
 
-    def loss_fn(model, batch, smoothing):
-        loss, nll = real_loss(model, batch, smoothing)
+    def loss_fn(model, batch, smoothing, compiled=False):
+        loss, nll = real_loss(model, batch, smoothing, compiled)
         if not model.training:
             return loss, nll
         calls["n"] += 1
@@ -299,6 +299,7 @@ def test_nonfinite_updates_in_a_row_stop_the_run(in_tmp, monkeypatch):
 
 
 def test_train_compile_trains_the_compiled_layers(in_tmp, monkeypatch):
+    torch._dynamo.reset()  # graphs and guards of earlier tests in this process would be checked and recompiled
     made, compile_ = [], torch.compile
 
     class Counted(torch.nn.Module):  # counts the forward passes that go through a compiled layer

@@ -47,6 +47,7 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 
 def cpu_kernels(device: torch.device) -> contextlib.AbstractContextManager:
     """Within it, on the CPU, every nn.Linear in bf16 runs `padded_linear` and every nn.Dropout `dropout16`.
+    Training runs within it; decoding does not, where the mode's own cost per operation outweighed the padding.
 
     `padded_linear`: torch runs a bf16 matrix product on the CPU through oneDNN, which builds a kernel for each
     shape of its operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (set by

@@ -59,7 +59,7 @@ def translate_ids(
     model.eval()
     device = next(model.parameters()).device
     bar = tqdm(total=len(sources), unit="sent", desc=progress, disable=None if progress else True, leave=False)
-    with fastpaths.attention_kernels(device), fastpaths.cpu_kernels(device), autocast(device, amp), bar:
+    with fastpaths.attention_kernels(device), autocast(device, amp), bar:
         return _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, sampling, prefixes)
 
 
@@ -127,8 +127,7 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
         torch.set_num_threads(max(1, threads // streams))
 
     def run(batch: list[int]) -> None:
-        # thread-local settings: set them in the worker
-        with torch.no_grad(), fastpaths.cpu_kernels(device), autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):  # thread-local settings: set them in the worker
             work(batch)
 
     pool = ThreadPoolExecutor(streams, thread_name_prefix="mt-decode", initializer=start)

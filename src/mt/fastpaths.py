@@ -85,48 +85,15 @@ def padded_row_count(rows: int) -> int:
 
 
 def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in bf16, computed on `padded_row_count` rows of `x` (all its dimensions but
-    the last): zeros below the real rows, dropped from the result. Each row's result depends on that row alone.
-    """
+    """`F.linear(x, weight, bias)` computed on `padded_row_count` rows of `x` (all its dimensions but the last):
+    zeros below the real rows, dropped from the result. Each row's result depends on that row alone, and
+    autograd carries the padding through the backward pass."""
     rows = x.numel() // x.size(-1)
     padded = padded_row_count(rows)
     if padded == rows:
         return F.linear(x, weight, bias)
-    out = _PaddedLinear.apply(x.reshape(rows, x.size(-1)), weight, bias, padded)
-    return out.view(*x.shape[:-1], weight.size(0))
-
-
-class _PaddedLinear(torch.autograd.Function):
-    """x W^T + b in bf16 on `padded` rows, and its gradients. Autograd through `F.pad` and a slice does the same
-    products with three more passes over the rows (the pad's fill, the slice's backward into zeros, and a copy
-    of the pad's gradient); here only the padding is zeroed, once each way, while converting to bf16."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padded: int) -> torch.Tensor:
-        x_padded = _padded_bf16(x, padded)
-        weight = weight.to(torch.bfloat16)
-        out = F.linear(x_padded, weight, None if bias is None else bias.to(torch.bfloat16))
-        ctx.save_for_backward(x_padded, weight)
-        ctx.has_bias = bias is not None
-        return out[: x.size(0)]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x_padded, weight = ctx.saved_tensors
-        grad_padded = _padded_bf16(grad, x_padded.size(0))
-        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
-        grad_x = (grad_padded @ weight)[: grad.size(0)] if need_x else None
-        grad_weight = grad_padded.t() @ x_padded if need_weight else None
-        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None
-
-
-def _padded_bf16(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """(rows, E) bf16: `x` (n, E) on top, converted in the copy, and zeros below."""
-    out = x.new_empty((rows, x.size(1)), dtype=torch.bfloat16)
-    out[: x.size(0)].copy_(x)
-    out[x.size(0) :].zero_()
-    return out
+    flat = F.pad(x.reshape(rows, x.size(-1)), (0, 0, 0, padded - rows))  # (padded, E)
+    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
 
 
 def dropout16(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

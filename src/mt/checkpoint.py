@@ -472,13 +472,11 @@ def with_parent(config: Config) -> Config:
     """
     parent = check_run(Path(config.init_from).expanduser())
     parent_weights(parent)
-    saved, default = load_run_config(parent / CONFIG), Config()
-    kept = {section: config_to_dict(saved)[section] for section in ("model", "tokenizer")}
-    asked = {section: config_to_dict(config)[section] for section in ("model", "tokenizer")}
-    defaults = {section: config_to_dict(default)[section] for section in ("model", "tokenizer")}
-    changed = [f"{section}.{key}: {kept[section][key]} → {value}" for section in kept
+    saved = load_run_config(parent / CONFIG)
+    kept, asked, defaults = (config_to_dict(c) for c in (saved, config, Config()))
+    changed = [f"{section}.{key}: {kept[section][key]} → {value}" for section in ("model", "tokenizer")
                for key, value in asked[section].items()
-               if value != kept[section][key] and value != defaults[section][key]
+               if value not in (kept[section][key], defaults[section][key])
                and f"{section}.{key}" not in FINE_TUNING_FREE]
     if changed:
         raise ConfigError(f"init_from {parent}: a fine-tuned run keeps its parent's model and tokenizer, but this "

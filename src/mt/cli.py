@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mt.config import TUNE_BEAMS, TUNE_PENALTIES
 from mt.errors import DataError, Interrupted, MtError, out_of_memory
+from mt.serve import Limits  # the limits of `mt serve` (standard library only: FastAPI loads when it serves)
 
 app = typer.Typer(
     help="Train, run and score a French→English Transformer translator.",
@@ -296,14 +297,9 @@ def input_line(prompt: str) -> str:
 def _draw_attention(translator, text: str, path: Path, layer: int | None, head: int | None,
                     beam: int | None) -> None:
     from mt import plots
-    from mt.tokenizer import EOS
 
     [best] = translator.translate_nbest([text], beam, nbest=1)
-    tokens = best[0].tokens
-    weights = translator.cross_attention(text, tokens)
-    source = translator.tokenizer.pieces(translator.encode([text])[0] + [EOS])
-    output = translator.tokenizer.pieces(tokens + [EOS])
-    fig = plots.attention_figure(weights, source, output, None if layer is None else layer - 1,
+    fig = plots.attention_figure(*translator.attention_map(text, best[0].tokens), None if layer is None else layer - 1,
                                  None if head is None else head - 1)
     typer.echo(f"attention drawn in {plots.save(fig, path)}", err=True)
 
@@ -461,13 +457,15 @@ def serve(
     run: RunOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
-    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Source tokens decoded together at most.")] = 4096,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Source tokens decoded together at most.")] = (
+        Limits.max_batch_tokens),
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to share its "
-                                               "batch.")] = 10.0,
-    max_chars: Annotated[int, typer.Option(min=1, help="Characters in one text at most.")] = 2000,
-    max_texts: Annotated[int, typer.Option(min=1, help="Texts in one request at most.")] = 1000,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Bytes of one request body at most.")] = 4 << 20,
-    max_beam: Annotated[int, typer.Option(min=1, help="The widest beam a request may ask for.")] = 16,
+                                               "batch.")] = Limits.max_wait_ms,
+    max_chars: Annotated[int, typer.Option(min=1, help="Characters in one text at most.")] = Limits.max_chars,
+    max_texts: Annotated[int, typer.Option(min=1, help="Texts in one request at most.")] = Limits.max_texts,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Bytes of one request body at most.")] = (
+        Limits.max_body_bytes),
+    max_beam: Annotated[int, typer.Option(min=1, help="The widest beam a request may ask for.")] = Limits.max_beam,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -477,7 +475,7 @@ def serve(
     Needs the serve extra (pip install -e '.[serve]'). Example: mt serve --run runs/multi30k, then
     curl -s localhost:8000/translate -H 'content-type: application/json' -d '{"text": "Un chat dort."}'
     """
-    from mt.serve import Limits, require_extra
+    from mt.serve import require_extra
     from mt.serve import serve as run_server
     from mt.translate import Translator
 
@@ -619,7 +617,7 @@ def configure_process() -> None:
 
     oneDNN, which runs torch's bf16 matrix products on the CPU, keeps the kernels it builds for the last
     ONEDNN_PRIMITIVE_CACHE_CAPACITY shapes it saw (1024 by default, each with its own memory). With the rows
-    padded to a few dozen counts (`mt.fastpaths.padded_rows`), 256 hold a run's shapes. Set before torch's
+    padded to a few dozen counts (`mt.fastpaths.cpu_kernels`), 256 hold a run's shapes. Set before torch's
     first product; a value the user exported wins.
 
     glibc's malloc keeps freed blocks of up to 64 MB for reuse instead of handing them back to the system: a

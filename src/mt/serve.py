@@ -211,7 +211,6 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
     from starlette.exceptions import HTTPException
 
     from mt import plots
-    from mt.tokenizer import EOS
 
     batcher: Batcher | None = None
     draw_lock = threading.Lock()  # matplotlib draws one figure at a time
@@ -234,10 +233,10 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         nonlocal batcher
         batcher = Batcher(lambda texts, beam, nbest: translator.translate_nbest(texts, beam, nbest=nbest),
                           limits.max_batch_tokens, limits.max_wait_ms / 1000)
-        app.state.batcher = batcher
         yield
         await asyncio.to_thread(batcher.close)  # in-flight requests are finished first
 
+    about, page_html = run_info(translator, run_name), PAGE.read_text(encoding="utf-8")  # read once
     app = fastapi.FastAPI(title="mt", version=_version(), lifespan=lifespan,
                           description="French → English translation with a model trained by `mt train`.")
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
@@ -305,11 +304,8 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         [options] = await asyncio.wrap_future(batcher.submit([request.text], lengths, None, 1))
 
         def draw() -> bytes:
-            tokens = options[0].tokens
             with batcher.lock:
-                weights = translator.cross_attention(request.text, tokens)
-            source = translator.tokenizer.pieces(translator.encode([request.text])[0] + [EOS])
-            output = translator.tokenizer.pieces(tokens + [EOS])
+                weights, source, output = translator.attention_map(request.text, options[0].tokens)
             with draw_lock:
                 return plots.png(plots.attention_figure(weights, source, output, (request.layer or layers) - 1))
 
@@ -324,11 +320,11 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
 
     @app.get("/info", summary="The run, its model and its decoding settings")
     async def info() -> dict[str, Any]:
-        return run_info(translator, run_name) | {"limits": vars(limits), "batches_decoded": batcher.batches}
+        return about | {"limits": vars(limits), "batches_decoded": batcher.batches}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     return app
 

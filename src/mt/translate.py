@@ -235,11 +235,10 @@ class Translator:
             prefixes = [prefix] * len(texts) if isinstance(prefix, str) else list(prefix)
             if len(prefixes) != len(texts):
                 raise ValueError(f"{len(prefixes)} prefixes for {len(texts)} texts")
-            clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
             for number, text in enumerate(prefixes, start=1):
                 check_text(text, f"prefix {number}")
             prefixes = [ids[: self.config.model.max_positions - 2] for ids in self.tokenizer.encode(
-                [clean(p) for p in prefixes])]
+                [self._clean(p) for p in prefixes])]
         hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress,
                              sampling=sampling, prefixes=prefixes)
         outputs = []
@@ -252,18 +251,26 @@ class Translator:
                             for line, h in zip(lines, options, strict=True)])
         return outputs
 
+    def _clean(self, text: str) -> str:
+        """`text` normalised the way the training data was."""
+        return normalize_text(text) if self.config.data.normalize else " ".join(text.split())
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of input texts, normalised the way the training data was, and cut to the longest source
         the model takes (`model.max_positions`, less EOS)."""
-        clean = normalize_text if self.config.data.normalize else (lambda t: " ".join(t.split()))
         limit = self.config.model.max_positions - 1
         for number, text in enumerate(texts, start=1):
             check_text(text, f"input {number}")
-        ids = self.tokenizer.encode([clean(t) for t in texts])
+        ids = self.tokenizer.encode([self._clean(t) for t in texts])
         if cut := sum(len(i) > limit for i in ids):
             log.warning("%d input line(s) longer than %d tokens cut to that length, the longest source the model "
                         "takes (model.max_positions): their ends are not translated", cut, limit)
         return [i[:limit] for i in ids]
+
+    def attention_map(self, text: str, output_tokens: list[int]) -> tuple[torch.Tensor, list[str], list[str]]:
+        """`cross_attention`'s weights, with the source and output pieces (EOS included) they lie between."""
+        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(self.encode([text])[0] + [EOS]),
+                self.tokenizer.pieces(list(output_tokens) + [EOS]))
 
     @torch.no_grad()
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:

@@ -281,7 +281,9 @@ def beam_search(
     step = 0
     while alive.numel():
         groups = alive.numel()
-        logits = forced(stepper.step(history), prefix, step, alive.repeat_interleave(beams))  # (groups * beams, V)
+        logits = stepper.step(history)  # (groups * beams, V)
+        if prefix is not None:
+            logits = forced(logits, prefix, step, alive.repeat_interleave(beams))
         vocab = logits.size(-1)
         top_scores, top_index = best_extensions(logits.view(groups, beams, vocab), scores, 2 * k)  # best first
         top_beam, top_token = top_index // vocab, top_index % vocab

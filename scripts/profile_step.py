@@ -6,8 +6,14 @@ The batch is random token ids of typical sentence lengths, so no corpus is read.
 the config's precision (`train.precision`, autocast where it is bf16), label-smoothed loss, gradient
 clipping and fused AdamW.
 
+`--decode --run RUN` profiles beam-5 decoding of RUN's test set instead, in one stream: sentences/s over
+`--sentences` sentences (2 rounds), one new batch of 32 sentences decoded three times (the first pays for
+shapes seen for the first time), then the profile of one pass. It uses only `Translator`, `translate_ids`
+and `mt.corpora.resolve`, so older commits run it too (PYTHONPATH=their src).
+
 Usage: python scripts/profile_step.py [--config configs/multi30k.yaml] [--sentences 120] [--steps 8]
            [--rows 12]
+       MT_DATA_PATH=... python scripts/profile_step.py --decode --run runs/multi30k [--sentences 500]
 """
 
 from __future__ import annotations
@@ -18,13 +24,6 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mt import fastpaths
-from mt.config import load_config
-from mt.data import collate
-from mt.devices import autocast, autocast_dtype, resolve_device
-from mt.model import Transformer
-from mt.train import loss_fn
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +31,20 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=120)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=12, help="operators in the profile table")
+    parser.add_argument("--decode", action="store_true", help="profile beam-5 decoding of --run instead")
+    parser.add_argument("--run", help="the trained run that --decode decodes with")
     args = parser.parse_args()
+    if args.decode:
+        if not args.run:
+            parser.error("--decode needs --run RUN")
+        return profile_decoding(args)
+    from mt import fastpaths
+    from mt.config import load_config
+    from mt.data import collate
+    from mt.devices import autocast, autocast_dtype, resolve_device
+    from mt.model import Transformer
+    from mt.train import loss_fn
+
     config = load_config(args.config)
     device = resolve_device(config)
     amp = autocast_dtype(config.train.precision, device)
@@ -74,6 +86,41 @@ def main() -> None:
         for _ in range(3):
             step()
     print("\nprofile of 3 updates, fast paths on:")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def profile_decoding(args) -> None:
+    from dataclasses import replace
+
+    from mt.corpora import resolve
+    from mt.data import read_lines
+    from mt.translate import Translator, translate_ids
+
+    try:
+        from mt.cli import configure_process  # the settings the mt command runs with
+    except ImportError:  # an older commit made them on import
+        pass
+    else:
+        configure_process()
+    translator = Translator.load(args.run, device="cpu")
+    amp = getattr(translator, "amp", None)
+    lines = read_lines(resolve(translator.config.data.test).src)
+    sources = translator.encode(lines[: args.sentences])
+    fresh = translator.encode(lines[args.sentences : args.sentences + 32])  # not decoded before
+    decode = replace(translator.config.decode, beam_size=5, inter_threads=1)
+    print(f"beam 5, one stream, {amp or 'fp32'}, {torch.get_num_threads()} threads, {args.run}")
+    translate_ids(translator.model, sources[:8], decode, amp=amp)  # warm-up
+    for round_ in (1, 2):
+        start = time.perf_counter()
+        translate_ids(translator.model, sources, decode, amp=amp)
+        print(f"round {round_}: {len(sources) / (time.perf_counter() - start):.1f} sent/s ({len(sources)} sentences)")
+    for time_ in (1, 2, 3):
+        start = time.perf_counter()
+        translate_ids(translator.model, fresh, decode, amp=amp)
+        print(f"the same 32 new sentences, time {time_}: {len(fresh) / (time.perf_counter() - start):.1f} sent/s")
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        translate_ids(translator.model, sources, decode, amp=amp)
+    print(f"\nprofile of one pass over {len(sources)} sentences:")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

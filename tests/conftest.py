@@ -5,11 +5,14 @@ explicitly or by asking for a fixture that trains (`tiny_run`, `in_tmp`); `pytes
 rest in under a minute.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,26 @@ def one_line_error(result, pattern):
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
     assert "Traceback" not in result.output
     assert re.search(pattern, errors[0]), errors[0]
+
+
+def request(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> tuple[int, dict | bytes]:
+    """(status, JSON body or bytes) of a GET, or of a POST of `body` as JSON or of `raw` bytes."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            status, content, kind = response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as e:
+        status, content, kind = e.code, e.read(), e.headers.get_content_type()
+    return status, json.loads(content) if kind == "application/json" else content
+
+
+def start_server(args, **env) -> tuple[subprocess.Popen, str]:
+    """`mt serve` in a process of its own on a free port, and its URL once it listens."""
+    process = subprocess.Popen([sys.executable, "-m", "mt", "serve", "--port", "0", "--device", "cpu", *args],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    line = process.stderr.readline()
+    assert "serving" in line, line + process.stderr.read()
+    url = line.split(" on ")[1].split()[0]
+    assert request(url + "/health") == (200, {"status": "ok"})
+    return process, url

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from unittest.mock import Mock
 
@@ -649,10 +650,13 @@ def test_bench_prints_every_row_of_the_table(trained, monkeypatch, data_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 4 and cells[1].replace(",", "").replace(".", "").isdigit():
             values[cells[0]] = float(cells[1].replace(",", ""))
-    for row in ("train ours: MFU", "train speed-up, ours ÷ nn.Transformer", "train ours: peak memory",
-                "greedy speed-up, cache ÷ recompute", "beam 5 speed-up, cache ÷ recompute"):
+    rows = ["train ours: MFU", "train speed-up, ours ÷ nn.Transformer", "train ours: peak memory"]
+    peers = ["recompute prefix"] + ["CTranslate2 float32", "CTranslate2 int8"] * bool(find_spec("ctranslate2"))
+    rows += [f"{search} ours (KV cache) ÷ {peer}" for search in ("greedy", "beam 5") for peer in peers]
+    for row in rows:
         assert values[row] > 0, row
-    assert "fastest of 2 alternating rounds" in result.stdout
+    assert len(re.findall(r"fastest of 2 alternating rounds each; identical outputs: \d+/20", result.stdout)) == len(
+        peers) * 2
 
 
 def test_bench_no_decode_plain_and_a_reference_that_runs_out_of_memory(trained, monkeypatch, data_path):

@@ -114,6 +114,19 @@ def test_beam_search_on_a_model_worked_out_by_hand():
     assert hyps[1].log_prob == pytest.approx(math.log(0.09))
 
 
+def test_min_length_rules_out_an_empty_output():
+    class EndsAtOnce(FixedStepper):  # EOS is the most likely first token
+        table = {BOS: {EOS: 0.6, 4: 0.4}, 4: {EOS: 1.0}}
+
+    for min_length, tokens in ((0, []), (1, [4])):
+        [greedy] = greedy_search(EndsAtOnce(), torch.tensor([5]), BOS, EOS, min_length=min_length)
+        [beam] = beam_search(EndsAtOnce(), torch.tensor([5]), BOS, EOS, beam_size=1, min_length=min_length)
+        assert greedy.tokens == beam[0].tokens == tokens
+    # Beam 2 with a minimum of 1: the empty output no longer takes one of the two finished places.
+    [hyps] = beam_search(FixedStepper(), torch.tensor([10]), BOS, EOS, beam_size=2, nbest=2, min_length=1)
+    assert all(h.tokens for h in hyps)
+
+
 def test_beam_search_runs_its_first_step_on_one_row_per_sentence():
     class Counting(FixedStepper):
         rows: list[int] = []

@@ -1,20 +1,17 @@
 """`mt serve` as a user meets it: a real server on a loopback port, a real HTTP client, a headless browser."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, one_line_error
+from conftest import ROOT, one_line_error, request, start_server
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve]'")
@@ -25,18 +22,6 @@ from mt.translate import Translator  # noqa: E402
 SENTENCES = ["Un homme fait du vélo.", "Deux chiens jouent dans la neige.", "Une femme lit un livre.",
              "Des enfants courent sur la plage.", "Un chat dort."]
 LIMITS = Limits(max_chars=300, max_texts=40, max_body_bytes=30_000, max_beam=8, max_wait_ms=5)
-
-
-def request(url: str, body=None, raw: bytes | None = None, timeout: float = 60) -> tuple[int, dict | bytes]:
-    """(status, JSON body or bytes) of a GET, or of a POST of `body` as JSON or of `raw` bytes."""
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            status, content, kind = response.status, response.read(), response.headers.get_content_type()
-    except urllib.error.HTTPError as e:
-        status, content, kind = e.code, e.read(), e.headers.get_content_type()
-    return status, json.loads(content) if kind == "application/json" else content
 
 
 @pytest.fixture(scope="module")
@@ -224,20 +209,9 @@ def test_a_failed_batch_fails_its_requests_and_the_next_one_decodes():
 # The command
 
 
-def start(args, **env) -> tuple[subprocess.Popen, str]:
-    """`mt serve` in a process of its own on a free port, and its URL once it listens."""
-    process = subprocess.Popen([sys.executable, "-m", "mt", "serve", "--port", "0", "--device", "cpu", *args],
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    line = process.stderr.readline()
-    assert "serving" in line, line + process.stderr.read()
-    url = line.split(" on ")[1].split()[0]
-    assert request(url + "/health") == (200, {"status": "ok"})
-    return process, url
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_finish_the_requests_in_flight_and_exit_0(tiny_run, stop):
-    process, url = start(["--run", str(tiny_run / "runs" / "tiny"), "--max-wait-ms", "800"])
+    process, url = start_server(["--run", str(tiny_run / "runs" / "tiny"), "--max-wait-ms", "800"])
     try:
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(request, url + "/translate", {"text": SENTENCES * 4})

@@ -6,8 +6,9 @@
 3. the same for a model of the same size built from `torch.nn.Transformer`, trained the plain way (fp32,
    random batches of sentences, logits for every position), and the ratio ours ÷ reference;
 4. decoding a test set with greedy and beam search: ours (KV cache, batched, length-sorted) against the
-   same search recomputing the whole prefix every step, and the ratios (each decoder's fastest of a few
-   alternating rounds);
+   same search recomputing the whole prefix every step and, when CTranslate2 is installed (`mt[export]`), the
+   run exported to it in float32 and int8: the ratios and the share of outputs identical to ours (each
+   decoder's fastest of a few alternating rounds);
 5. peak memory (RSS on the CPU, allocated on CUDA).
 
 Model FLOPs count the real (non-padding) tokens only: padding is work the hardware does, not the model.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mt import checkpoint, corpora, distributed, fastpaths
-from mt.config import Config, ModelConfig
+from mt.config import Config, DecodeConfig, ModelConfig
 from mt.data import Batch, PairTable, PreparedData, make_batches, prepare_data, read_corpus
 from mt.devices import (
     autocast_dtype,
@@ -42,6 +43,7 @@ from mt.devices import (
     resolve_device,
     training_precision,
 )
+from mt.errors import MtError
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
 from mt.tokenizer import PAD
@@ -331,35 +333,73 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
     files = corpora.resolve(test, config.data.src_lang, config.data.tgt_lang)
     sources = translator.tokenizer.encode(read_corpus(files)[0][:sentences])
     precision = "bf16 autocast" if translator.amp else "fp32"
+
+    def ours(use_cache: bool) -> Callable[[list[list[int]], DecodeConfig], list[list[int]]]:
+        return lambda batch, decode: [h[0].tokens for h in translate_ids(translator.model, batch, decode,
+                                                                         use_cache=use_cache, amp=translator.amp)]
+
+    decoders = {"ours (KV cache)": (ours(True), precision), "recompute prefix": (ours(False), precision)}
+    with tempfile.TemporaryDirectory(prefix="mt-bench-") as exports:
+        decoders |= _ctranslate2_decoders(run_dir, Path(exports), device)
+        rows = []
+        for beam in (1, 5):
+            rows += _time_decoders(decoders, sources, files.name, beam, rounds, device, replace(
+                translator.config.decode, beam_size=beam, batch_tokens=config.decode.batch_tokens,
+                inter_threads=config.decode.inter_threads))  # the run's tuned settings, the machine's batches
+    return rows
+
+
+def _ctranslate2_decoders(run_dir: Path, folder: Path, device: torch.device) -> dict:
+    """CTranslate2 float32 and int8 decoders of the run, exported into `folder`; none when CTranslate2 is not
+    installed or does not run on `device`."""
+    from mt import export
+
+    try:
+        ctranslate2 = export.require_ctranslate2()
+    except MtError:
+        return {}
+    if device.type not in ("cpu", "cuda"):
+        return {}
+    decoders = {}
+    kinds = {"float32", "int8"} & ctranslate2.get_supported_compute_types(device.type)
+    for kind in sorted(kinds):
+        export.export_ctranslate2(run_dir, folder / kind, kind)
+        exported = export.ExportedTranslator.load(folder / kind, device.type)
+
+        def decode_with(batch: list[list[int]], decode: DecodeConfig, exported=exported) -> list[list[int]]:
+            return [h[0].tokens for h in exported._search(batch, decode, 1, None, None, None)]
+
+        decoders[f"CTranslate2 {kind}"] = (decode_with, f"CTranslate2 {ctranslate2.__version__}, {kind} weights")
+    return decoders
+
+
+def _time_decoders(decoders: dict, sources: list[list[int]], test_name: str, beam: int, rounds: int,
+                   device: torch.device, decode: DecodeConfig) -> list[Row]:
+    """Each decoder's fastest of `rounds` alternating rounds, and the ratios against ours (KV cache)."""
+    search = "greedy" if beam == 1 else f"beam {beam}"
+    elapsed = dict.fromkeys(decoders, math.inf)
+    outputs = {}
+    for run, _ in decoders.values():  # warm-up
+        run(sources[:8], decode)
+    for _ in range(rounds):  # the decoders alternate, so that all see the machine in the same states
+        for name, (run, _) in decoders.items():
+            _sync(device)
+            start = time.perf_counter()
+            outputs[name] = run(sources, decode)
+            _sync(device)
+            elapsed[name] = min(elapsed[name], time.perf_counter() - start)
     rows = []
-    for beam in (1, 5):
-        # The run's tuned decoding settings, with the batch size and streams of the benchmark's config: machine
-        # settings.
-        decode = replace(translator.config.decode, beam_size=beam, batch_tokens=config.decode.batch_tokens,
-                         inter_threads=config.decode.inter_threads)
-        elapsed = {True: math.inf, False: math.inf}
-        outputs = {}
-        for use_cache in (True, False):  # warm-up
-            translate_ids(translator.model, sources[:8], decode, use_cache=use_cache, amp=translator.amp)
-        for _ in range(rounds):  # the two decoders alternate, so that both see the machine in the same states
-            for use_cache in (True, False):
-                _sync(device)
-                start = time.perf_counter()
-                hyps = translate_ids(translator.model, sources, decode, use_cache=use_cache, amp=translator.amp)
-                _sync(device)
-                elapsed[use_cache] = min(elapsed[use_cache], time.perf_counter() - start)
-                outputs[use_cache] = [h[0].tokens for h in hyps]
-        for use_cache in (True, False):
-            tokens = sum(len(tokens) + 1 for tokens in outputs[use_cache])
-            name = "ours (KV cache)" if use_cache else "recompute prefix"
-            rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} {name}: sentences/s",
-                            len(sources) / elapsed[use_cache], "sent/s",
-                            f"{len(sources)} sentences of {files.name}, {tokens / elapsed[use_cache]:.0f} tokens/s, "
-                            f"{precision}, decode.batch_tokens {decode.batch_tokens}, "
-                            f"inter_threads {decode.inter_threads}"))
-        same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
-        rows.append(Row(f"{'greedy' if beam == 1 else 'beam 5'} speed-up, cache ÷ recompute",
-                        elapsed[False] / elapsed[True], "×",
+    for name, (_, note) in decoders.items():
+        tokens = sum(len(t) + 1 for t in outputs[name])
+        rows.append(Row(f"{search} {name}: sentences/s", len(sources) / elapsed[name], "sent/s",
+                        f"{len(sources)} sentences of {test_name}, {tokens / elapsed[name]:.0f} tokens/s, {note}, "
+                        f"decode.batch_tokens {decode.batch_tokens}, inter_threads {decode.inter_threads}"))
+    ours = "ours (KV cache)"
+    for name in decoders:
+        if name == ours:
+            continue
+        same = sum(a == b for a, b in zip(outputs[ours], outputs[name], strict=True))
+        rows.append(Row(f"{search} {ours} ÷ {name}", elapsed[name] / elapsed[ours], "×",
                         f"fastest of {rounds} alternating rounds each; identical outputs: {same}/{len(sources)}"))
     return rows
 

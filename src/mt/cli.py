@@ -356,6 +356,7 @@ def info(folder: Annotated[Path | None, typer.Argument(help="Run folder (default
 
     from mt import checkpoint
     from mt.config import config_to_dict, load_run_config
+    from mt.export import EXPORT_INFO
     from mt.model import Transformer
     from mt.tokenizer import Tokenizer
 
@@ -368,6 +369,13 @@ def info(folder: Annotated[Path | None, typer.Argument(help="Run folder (default
     typer.echo(f"run: {run_dir}\nparameters: {params:,}\nvocabulary: {tokenizer.vocab_size} SentencePiece pieces")
     if config.init_from:
         typer.echo(f"fine-tuned from: {config.init_from}")
+    if (run_dir / EXPORT_INFO).is_file():
+        try:
+            export = json.loads((run_dir / EXPORT_INFO).read_bytes())
+            typer.echo(f"exported: {export['format']} {export['ctranslate2']}, {export['quantization']} weights, "
+                       f"from {export['run']} ({export['weights']}) at {export['exported']}")
+        except (ValueError, KeyError, TypeError) as e:
+            typer.echo(f"exported: {run_dir / EXPORT_INFO} is unreadable ({e!r})")
     stats = run_dir / checkpoint.DATA_STATS
     if stats.is_file():
         try:
@@ -487,6 +495,33 @@ def serve(
                     max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     run_server(translator, run_dir.name, host, port, limits, ready=lambda line: typer.echo(line, err=True))
     typer.echo("stopped", err=True)
+
+
+@app.command()
+@_errors_exit_2
+def export(
+    run: RunOption = None,
+    to: Annotated[str, typer.Option("--to", help="The format: ctranslate2.")] = "ctranslate2",
+    quantization: Annotated[str, typer.Option(help="Weights stored as float32, int8, int8_float32, int16, "
+                                              "float16, ... (int8: about 4× smaller, faster on CPUs).")] = "float32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write; it must not exist yet.")] = Path(
+        "exported"),
+    runs_dir: RunsDirOption = Path("runs"),
+    weights: WeightsOption = None,
+) -> None:
+    """Export a run for deployment: a CTranslate2 model folder with its tokenizer and decode settings, which
+    mt translate, mt eval and mt serve also take as --run (pip install -e '.[export]'; docs/export.md).
+
+    Example: mt export --run runs/multi30k --quantization int8 -o runs/multi30k-int8
+    """
+    from mt.export import export_ctranslate2, require_ctranslate2
+
+    _setup_logging(quiet=True)
+    if to != "ctranslate2":
+        raise MtError(f"--to {to!r}: the one format mt exports to is ctranslate2")
+    require_ctranslate2()
+    info = export_ctranslate2(_run_folder(run, runs_dir), out, quantization, weights)
+    typer.echo(f"exported {info['run']} ({info['weights']}, {info['quantization']}) to {out}")
 
 
 @app.command()

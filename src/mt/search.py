@@ -184,6 +184,15 @@ def forced(logits: torch.Tensor, prefix: torch.Tensor | None, step: int, sentenc
     return logits
 
 
+def at_least(logits: torch.Tensor, step: int, min_length: int, eos: int) -> torch.Tensor:
+    """`logits` with EOS ruled out before step `min_length`, so that outputs have at least that many tokens
+    (CTranslate2's `min_decoding_length`). Decoding asks for 1: an empty hypothesis would otherwise take one of
+    the beam's finished places."""
+    if step < min_length:
+        logits[:, eos] = float("-inf")
+    return logits
+
+
 def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n best extensions of each sentence's beams: scores + log-probabilities, ranked over all k beams.
 
@@ -202,7 +211,8 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
 
 @torch.no_grad()
 def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
-                  sampling: Sampling | None = None, prefix: torch.Tensor | None = None) -> list[Hypothesis]:
+                  sampling: Sampling | None = None, prefix: torch.Tensor | None = None,
+                  min_length: int = 0) -> list[Hypothesis]:
     """The most probable next token at each step (or one drawn as `sampling` says), until EOS or the sentence's
     maximum length.
 
@@ -211,6 +221,7 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
         max_lens: (N,) most tokens to produce per sentence, EOS included.
         sampling: draw each token at random, from a generator seeded with `sampling.seed`.
         prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`.
+        min_length: tokens each output has at least (`at_least`).
     """
     generator = None
     if sampling is not None:
@@ -223,7 +234,7 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
     results: list[Hypothesis | None] = [None] * n
     step = 0
     while alive.numel():
-        logits = forced(stepper.step(history), prefix, step, alive)
+        logits = forced(at_least(stepper.step(history), step, min_length, eos), prefix, step, alive)
         best_lp, best = best_tokens(logits) if sampling is None else sampled_tokens(logits, sampling, generator)
         log_prob += best_lp
         history = torch.cat([history, best[:, None]], dim=1)
@@ -253,12 +264,15 @@ def beam_search(
     length_penalty: float = 1.0,
     nbest: int = 1,
     prefix: torch.Tensor | None = None,
+    min_length: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search: keeps the `beam_size` best prefixes of each sentence.
 
     At each step the 2 × beam_size best extensions are ranked; those among the first beam_size that end in
     EOS are finished, and the best beam_size others go on. A sentence is done when it has beam_size finished
-    hypotheses, or at its maximum length, where its open beams are finished as they are.
+    hypotheses or more, or at its maximum length, where its open beams are finished as they are; all its finished
+    hypotheses are then ranked by score. These are CTranslate2's rules, so that an exported model searches alike
+    (tests/test_export.py).
 
     Args:
         stepper: prepared for len(max_lens) sentences. All beams start from BOS, so the first step runs one
@@ -266,6 +280,7 @@ def beam_search(
         max_lens: (N,) most tokens to produce per sentence, EOS included.
         prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`. Their
             log-probabilities count as 0 in the scores.
+        min_length: tokens each output has at least (`at_least`).
 
     Returns:
         For each sentence, its `nbest` hypotheses, best first.
@@ -281,7 +296,7 @@ def beam_search(
     step = 0
     while alive.numel():
         groups = alive.numel()
-        logits = stepper.step(history)  # (groups * beams, V)
+        logits = at_least(stepper.step(history), step, min_length, eos)  # (groups * beams, V)
         if prefix is not None:
             logits = forced(logits, prefix, step, alive.repeat_interleave(beams))
         vocab = logits.size(-1)
@@ -298,8 +313,6 @@ def beam_search(
             normaliser = float(step) ** length_penalty
             for sentence, tokens, token, lp in zip(alive[g].tolist(), history[g * beams + top_beam[g, j], 1:].tolist(),
                                                    top_token[g, j].tolist(), top_scores[g, j].tolist(), strict=True):
-                if len(finished[sentence]) >= k:
-                    continue
                 if token != eos:
                     tokens.append(token)
                 finished[sentence].append(Hypothesis(tokens, lp / normaliser, lp))

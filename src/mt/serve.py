@@ -298,7 +298,7 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         lengths = await checked([request.text])
         if isinstance(lengths, JSONResponse):
             return lengths
-        layers = translator.config.model.decoder_layers
+        layers = translator.attention_layers
         if request.layer is not None and request.layer > layers:
             return error(422, f"layer {request.layer} is out of range: the model has {layers} decoder layers")
         [options] = await asyncio.wrap_future(batcher.submit([request.text], lengths, None, 1))
@@ -340,7 +340,7 @@ def run_info(translator: "Translator", run_name: str) -> dict[str, Any]:
     return {
         "run": run_name,
         "weights": translator.weights.name if translator.weights is not None else None,
-        "parameters": translator.model.num_parameters(),
+        "parameters": translator.num_parameters(),
         "vocabulary": translator.tokenizer.vocab_size,
         "decode": config_to_dict(translator.config)["decode"],
         "best_valid_bleu": max(bleus) if bleus else None,

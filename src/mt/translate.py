@@ -80,9 +80,10 @@ def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, s
                                   device=device)  # (B, P), -1 after each sentence's own prefix
         if decode.beam_size == 1:
             batch_sampling = None if sampling is None else replace(sampling, seed=sampling.seed * 1_000_003 + batch[0])
-            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS, batch_sampling, prefix)]
+            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS, batch_sampling, prefix, min_length=1)]
         else:
-            hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest, prefix)
+            hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest, prefix,
+                               min_length=1)
         for i, h in zip(batch, hyps, strict=True):
             results[i] = h
         bar.update(len(batch))
@@ -159,7 +160,14 @@ class Translator:
         Raises:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
         """
+        from mt import export
+
         run_dir = checkpoint.check_run(Path(run_dir))
+        if (run_dir / export.EXPORT_INFO).is_file():  # a folder written by `mt export`
+            if weights is not None:
+                raise CheckpointError(f"{run_dir} is an exported model: it has one set of weights, and takes no "
+                                      "--weights")
+            return export.ExportedTranslator.load(run_dir, device)
         config = load_run_config(run_dir / checkpoint.CONFIG)
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
         path = run_dir / (weights or checkpoint.BEST)
@@ -239,8 +247,7 @@ class Translator:
                 check_text(text, f"prefix {number}")
             prefixes = [ids[: self.config.model.max_positions - 2] for ids in self.tokenizer.encode(
                 [self._clean(p) for p in prefixes])]
-        hyps = translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress,
-                             sampling=sampling, prefixes=prefixes)
+        hyps = self._search(sources, decode, nbest, progress, sampling, prefixes)
         outputs = []
         for text, options in zip(texts, hyps, strict=True):
             if not text.strip():
@@ -250,6 +257,20 @@ class Translator:
             outputs.append([Translation(" ".join(line.split()), h.score, h.tokens)
                             for line, h in zip(lines, options, strict=True)])
         return outputs
+
+    def _search(self, sources: list[list[int]], decode: DecodeConfig, nbest: int, progress: str | None,
+                sampling: Sampling | None, prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
+        """The search itself, on token ids: `translate_ids` (an exported model decodes with CTranslate2 here)."""
+        return translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress,
+                             sampling=sampling, prefixes=prefixes)
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    @property
+    def attention_layers(self) -> int:
+        """The layers of `cross_attention`'s weights."""
+        return self.config.model.decoder_layers
 
     def _clean(self, text: str) -> str:
         """`text` normalised the way the training data was."""

@@ -1,0 +1,186 @@
+"""`mt export --to ctranslate2`: the exported model translates as `mt` does, int8 stays close, every architecture
+`mt` trains converts, and translate, eval and serve take the exported folder as --run."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+import torch
+from typer.testing import CliRunner
+
+from conftest import ROOT, one_line_error, request, start_server
+
+pytest.importorskip("ctranslate2", reason="the export extra: pip install -e '.[export]'")
+
+from mt import checkpoint, corpora  # noqa: E402
+from mt.cli import app  # noqa: E402
+from mt.config import ModelConfig, load_run_config, save_config  # noqa: E402
+from mt.data import read_corpus  # noqa: E402
+from mt.export import ExportedTranslator, export_ctranslate2  # noqa: E402
+from mt.model import Transformer  # noqa: E402
+from mt.search import Sampling  # noqa: E402
+from mt.translate import Translator  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here needs the tiny run
+
+
+def fp32(run) -> Translator:
+    """The run's own model in fp32, as CTranslate2's float32 computes (bf16 autocast would differ)."""
+    translator = Translator.load(run, device="cpu")
+    translator.amp = None
+    return translator
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exported")
+    run = tiny_run / "runs" / "tiny"
+    for kind in ("float32", "int8"):
+        export_ctranslate2(run, folder / kind, kind)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def valid(data_path):
+    return read_corpus(corpora.resolve("multi30k:valid", "fr", "en"))
+
+
+@pytest.mark.parametrize("beam", [1, 2, 5])
+def test_float32_export_translates_as_mt_does(tiny_run, exported, valid, beam):
+    sources = valid[0][:300]
+    ours = fp32(tiny_run / "runs" / "tiny").translate_nbest(sources, beam, nbest=min(beam, 2))
+    theirs = Translator.load(exported / "float32").translate_nbest(sources, beam, nbest=min(beam, 2))
+    assert [[t.tokens for t in o] for o in ours] == [[t.tokens for t in o] for o in theirs]
+    for o, t in zip(ours, theirs, strict=True):
+        assert [x.score for x in o] == pytest.approx([x.score for x in t], abs=1e-3)
+
+
+def test_int8_stays_within_one_bleu_of_float32_on_a_valid_split(exported, valid):
+    """The tiny run scores little BLEU, so int8's outputs are also held close to float32's own (BLEU against
+    them as references); the default run's figures are in BENCHMARKS.md."""
+    sources, references = valid
+    outputs = {kind: Translator.load(exported / kind).translate(sources) for kind in ("float32", "int8")}
+    bleu = {kind: sacrebleu.corpus_bleu(output, [references]).score for kind, output in outputs.items()}
+    assert abs(bleu["int8"] - bleu["float32"]) <= 1.0, bleu
+    assert sacrebleu.corpus_bleu(outputs["int8"], [outputs["float32"]]).score > 50
+
+
+def test_prefix_and_sampling_go_through_ctranslate2(exported):
+    translator = Translator.load(exported / "float32")
+    prefix = translator.tokenizer.encode(["Two dogs"])[0]
+    [[forced]] = translator.translate_nbest(["Un homme fait du vélo."], prefix="Two dogs")
+    assert forced.tokens[: len(prefix)] == prefix
+    texts = ["Un homme fait du vélo.", "Deux chiens jouent dans la neige."] * 3
+    first, again = ([o[0].text for o in translator.translate_nbest(texts, sampling=Sampling(top_k=20, seed=7))]
+                    for _ in range(2))
+    assert first == again  # seeded: reproducible
+    greedy = translator.translate(texts, beam_size=1)
+    assert [o[0].text for o in translator.translate_nbest(texts, sampling=Sampling(top_k=1))] == greedy
+
+
+ARCHITECTURES = [
+    dict(norm="post", activation="relu"),
+    dict(norm="pre", activation="gelu"),
+    dict(norm="pre", activation="relu", encoder_layers=1, decoder_layers=3, heads=4, d_model=48, d_ff=40),
+    dict(norm="post", activation="gelu", encoder_layers=3, decoder_layers=1, heads=1, d_model=16, d_ff=96),
+]
+
+
+@pytest.mark.parametrize("options", ARCHITECTURES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_architecture_converts_and_decodes_alike(tiny_run, tmp_path, options):
+    """Untrained weights of each shape: their outputs run to the max-length rule, which is checked too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_run_config(tiny_run / "runs" / "tiny" / checkpoint.CONFIG)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **options))
+    save_config(config, run / checkpoint.CONFIG)
+    shutil.copy(tiny_run / "runs" / "tiny" / checkpoint.TOKENIZER, run / checkpoint.TOKENIZER)
+    torch.manual_seed(0)
+    model = Transformer(config.model, 600)
+    checkpoint.save({"model": model.state_dict()}, run / checkpoint.LAST)
+    export_ctranslate2(run, tmp_path / "exported")
+    texts = ["Un homme fait du vélo.", "Deux chiens jouent dans la neige avec une balle rouge.", "Bonjour !"]
+    for beam in (1, 3):
+        ours = [o[0].tokens for o in fp32(run).translate_nbest(texts, beam)]
+        theirs = [o[0].tokens for o in Translator.load(tmp_path / "exported").translate_nbest(texts, beam)]
+        assert ours == theirs
+
+
+def test_model_options_are_all_ones_the_exporter_knows():
+    """A new `model.*` option must be handled by `mt.export.transformer_spec` (or refused there) first."""
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == {
+        "d_model", "heads", "encoder_layers", "decoder_layers", "d_ff", "dropout", "attention_dropout",
+        "activation_dropout", "activation", "norm", "max_positions"}
+
+
+def run_mt(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_the_cli_exports_translates_and_evaluates(tiny_run, tmp_path, data_path, monkeypatch):
+    run, out = tiny_run / "runs" / "tiny", tmp_path / "int8"
+    result = run_mt("export", "--run", run, "--quantization", "int8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert {"model.bin", "config.json", "tokenizer.model", "config.yaml", "export.json"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "export.json").read_text())["quantization"] == "int8"
+    text = "Un homme fait du vélo."
+    translated = run_mt("translate", "--run", out, text)
+    assert translated.exit_code == 0 and translated.stdout.strip() == Translator.load(out).translate([text])[0]
+    info = run_mt("info", out)
+    assert info.exit_code == 0 and "exported: ctranslate2" in info.stdout and "int8 weights" in info.stdout
+    monkeypatch.setenv("MT_DATA_PATH", str(data_path))
+    scored = run_mt("eval", "--run", out, "--test", "multi30k:valid", "--json")
+    assert scored.exit_code == 0, scored.output
+    [result] = json.loads(scored.stdout)
+    assert result["sentences"] == 1014 and (out / "eval").is_dir()
+
+
+def test_export_refuses_what_it_cannot_do_in_one_line(tiny_run, tmp_path):
+    run = tiny_run / "runs" / "tiny"
+    (tmp_path / "taken").mkdir()
+    one_line_error(run_mt("export", "--run", run, "-o", tmp_path / "taken"), "already exists")
+    one_line_error(run_mt("export", "--run", run, "--quantization", "int3", "-o", tmp_path / "x"),
+                   "expected one of float32, int8")
+    one_line_error(run_mt("export", "--run", run, "--to", "onnx", "-o", tmp_path / "x"), "ctranslate2")
+    one_line_error(run_mt("translate", "--run", tmp_path / "taken", "Bonjour"), "not a run folder")
+    assert not (tmp_path / "x").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no half-written folder left behind
+
+
+def test_a_damaged_export_is_one_line(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported / "int8", broken)
+    (broken / "model.bin").write_bytes(b"not a model")
+    one_line_error(run_mt("translate", "--run", broken, "Bonjour"), "CTranslate2 cannot load")
+
+
+def test_export_without_the_extra_names_the_install_command(tiny_run, tmp_path):
+    code = ("import sys; sys.modules['ctranslate2'] = None\n"
+            "from mt.cli import main; sys.argv = ['mt', 'export', '--run', sys.argv[1], '-o', sys.argv[2]]; main()")
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_run / "runs" / "tiny"), str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: exporting to and translating with CTranslate2 needs it: pip install -e '.[export]'")
+
+
+def test_serve_takes_an_exported_folder(exported):
+    pytest.importorskip("fastapi")
+    translator = Translator.load(exported / "float32")
+    assert isinstance(translator, ExportedTranslator)
+    process, url = start_server(["--run", str(exported / "float32")])
+    try:
+        texts = ["Un chat dort.", "Bonjour"]
+        assert request(url + "/translate", {"text": texts, "beam_size": 2}) == (
+            200, {"translations": translator.translate(texts, beam_size=2)})
+        status, info = request(url + "/info")
+        assert status == 200 and info["parameters"] == translator.num_parameters() > 0
+        status, heatmap = request(url + "/attention", {"text": "Un chat dort."})
+        assert status == 200 and heatmap.startswith(b"\x89PNG")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0

@@ -49,11 +49,18 @@ def valid(data_path):
     return read_corpus(corpora.resolve("multi30k:valid", "fr", "en"))
 
 
-@pytest.mark.parametrize("beam", [1, 2, 5])
-def test_float32_export_translates_as_mt_does(tiny_run, exported, valid, beam):
+def with_guard(translator: Translator, n: int) -> Translator:
+    translator.config = dataclasses.replace(translator.config, decode=dataclasses.replace(
+        translator.config.decode, no_repeat_ngram_size=n))
+    return translator
+
+
+@pytest.mark.parametrize(("beam", "guard"), [(1, 0), (2, 0), (5, 0), (1, 3), (4, 2)])
+def test_float32_export_translates_as_mt_does(tiny_run, exported, valid, beam, guard):
     sources = valid[0][:300]
-    ours = fp32(tiny_run / "runs" / "tiny").translate_nbest(sources, beam, nbest=min(beam, 2))
-    theirs = Translator.load(exported / "float32").translate_nbest(sources, beam, nbest=min(beam, 2))
+    ours = with_guard(fp32(tiny_run / "runs" / "tiny"), guard).translate_nbest(sources, beam, nbest=min(beam, 2))
+    theirs = with_guard(Translator.load(exported / "float32"), guard).translate_nbest(sources, beam,
+                                                                                      nbest=min(beam, 2))
     assert [[t.tokens for t in o] for o in ours] == [[t.tokens for t in o] for o in theirs]
     for o, t in zip(ours, theirs, strict=True):
         assert [x.score for x in o] == pytest.approx([x.score for x in t], abs=1e-3)

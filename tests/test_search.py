@@ -127,6 +127,19 @@ def test_min_length_rules_out_an_empty_output():
     assert all(h.tokens for h in hyps)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_repetition_guard_stops_a_loop_where_it_would_repeat_an_ngram(n):
+    class Stutters(FixedStepper):  # B, then B again with 0.9 for ever: a loop
+        table = {BOS: {5: 1.0}, 5: {5: 0.9, EOS: 0.1}} | {t: {EOS: 1.0} for t in (0, 1, 4)}  # the beam's -inf rows
+
+    [looping] = greedy_search(Stutters(), torch.tensor([12]), BOS, EOS)
+    assert looping.tokens == [5] * 12
+    [greedy] = greedy_search(Stutters(), torch.tensor([12]), BOS, EOS, no_repeat=n)
+    [beam] = beam_search(Stutters(), torch.tensor([12]), BOS, EOS, beam_size=2, no_repeat=n)
+    assert greedy.tokens == [5] * n  # one more B would make a second n-gram of Bs
+    assert 1 <= len(beam[0].tokens) <= n and set(beam[0].tokens) == {5}  # beam 2 may stop sooner, never later
+
+
 def test_beam_search_runs_its_first_step_on_one_row_per_sentence():
     class Counting(FixedStepper):
         rows: list[int] = []

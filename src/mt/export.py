@@ -217,7 +217,8 @@ class ExportedTranslator(Translator):
         for i, source in enumerate(sources):
             by_limit[min(int((len(source) + 1) * decode.max_len_a + decode.max_len_b), limit)].append(i)
         options = dict(beam_size=decode.beam_size, num_hypotheses=nbest, length_penalty=decode.length_penalty,
-                       max_input_length=0, return_scores=True, asynchronous=True,
+                       no_repeat_ngram_size=decode.no_repeat_ngram_size, max_input_length=0, return_scores=True,
+                       asynchronous=True,
                        return_end_token=True)  # then its scores count EOS in the length, as mt's do
         engine = self.engine
         if sampling is not None:

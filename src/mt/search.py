@@ -184,6 +184,20 @@ def forced(logits: torch.Tensor, prefix: torch.Tensor | None, step: int, sentenc
     return logits
 
 
+def without_repeats(logits: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """`logits` (R, V) with each row's tokens ruled out that would repeat an n-gram already in its `history`
+    (R, t): the repetition guard (fairseq's --no-repeat-ngram-size, CTranslate2's no_repeat_ngram_size).
+    n = 0 leaves `logits` as they are."""
+    if n <= 0 or history.size(1) < n:
+        return logits
+    windows = history.unfold(1, n, 1)  # (R, W, n): every n-gram so far
+    latest = history[:, history.size(1) - n + 1 :]  # (R, n - 1): what the next token would complete
+    rows, starts = (windows[:, :, :-1] == latest[:, None, :]).all(dim=-1).nonzero().unbind(1)
+    if rows.numel():
+        logits[rows, windows[rows, starts, -1]] = float("-inf")
+    return logits
+
+
 def at_least(logits: torch.Tensor, step: int, min_length: int, eos: int) -> torch.Tensor:
     """`logits` with EOS ruled out before step `min_length`, so that outputs have at least that many tokens
     (CTranslate2's `min_decoding_length`). Decoding asks for 1: an empty hypothesis would otherwise take one of
@@ -212,7 +226,7 @@ def best_extensions(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
 @torch.no_grad()
 def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
                   sampling: Sampling | None = None, prefix: torch.Tensor | None = None,
-                  min_length: int = 0) -> list[Hypothesis]:
+                  min_length: int = 0, no_repeat: int = 0) -> list[Hypothesis]:
     """The most probable next token at each step (or one drawn as `sampling` says), until EOS or the sentence's
     maximum length.
 
@@ -222,6 +236,7 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
         sampling: draw each token at random, from a generator seeded with `sampling.seed`.
         prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`.
         min_length: tokens each output has at least (`at_least`).
+        no_repeat: no n-gram of this size twice in an output (`without_repeats`; 0: no guard).
     """
     generator = None
     if sampling is not None:
@@ -234,7 +249,8 @@ def greedy_search(stepper: Stepper, max_lens: torch.Tensor, bos: int, eos: int,
     results: list[Hypothesis | None] = [None] * n
     step = 0
     while alive.numel():
-        logits = forced(at_least(stepper.step(history), step, min_length, eos), prefix, step, alive)
+        logits = at_least(without_repeats(stepper.step(history), history, no_repeat), step, min_length, eos)
+        logits = forced(logits, prefix, step, alive)
         best_lp, best = best_tokens(logits) if sampling is None else sampled_tokens(logits, sampling, generator)
         log_prob += best_lp
         history = torch.cat([history, best[:, None]], dim=1)
@@ -265,6 +281,7 @@ def beam_search(
     nbest: int = 1,
     prefix: torch.Tensor | None = None,
     min_length: int = 0,
+    no_repeat: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search: keeps the `beam_size` best prefixes of each sentence.
 
@@ -281,6 +298,7 @@ def beam_search(
         prefix: (N, P) tokens each output starts with (-1 after a sentence's own); see `forced`. Their
             log-probabilities count as 0 in the scores.
         min_length: tokens each output has at least (`at_least`).
+        no_repeat: no n-gram of this size twice in an output (`without_repeats`; 0: no guard).
 
     Returns:
         For each sentence, its `nbest` hypotheses, best first.
@@ -296,7 +314,8 @@ def beam_search(
     step = 0
     while alive.numel():
         groups = alive.numel()
-        logits = at_least(stepper.step(history), step, min_length, eos)  # (groups * beams, V)
+        logits = without_repeats(stepper.step(history), history, no_repeat)  # (groups * beams, V)
+        logits = at_least(logits, step, min_length, eos)
         if prefix is not None:
             logits = forced(logits, prefix, step, alive.repeat_interleave(beams))
         vocab = logits.size(-1)

@@ -80,10 +80,11 @@ def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, s
                                   device=device)  # (B, P), -1 after each sentence's own prefix
         if decode.beam_size == 1:
             batch_sampling = None if sampling is None else replace(sampling, seed=sampling.seed * 1_000_003 + batch[0])
-            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS, batch_sampling, prefix, min_length=1)]
+            hyps = [[h] for h in greedy_search(stepper, max_lens, BOS, EOS, batch_sampling, prefix, min_length=1,
+                                               no_repeat=decode.no_repeat_ngram_size)]
         else:
             hyps = beam_search(stepper, max_lens, BOS, EOS, decode.beam_size, decode.length_penalty, nbest, prefix,
-                               min_length=1)
+                               min_length=1, no_repeat=decode.no_repeat_ngram_size)
         for i, h in zip(batch, hyps, strict=True):
             results[i] = h
         bar.update(len(batch))

@@ -8,11 +8,13 @@
 #       MT_DATA_PATH; src/ on PYTHONPATH. Each step has a time limit within GPU_CHECK_SECONDS (default 480):
 #       (1) tests/test_cuda.py, tests/test_attention.py; (2) `mt bench --no-decode` of each lever (eager,
 #       compiled, eager 128k), each with its roof and MFU; (3) with MINUTES > 0 and the time, `mt train` for
-#       at most MINUTES, then `mt eval` on the Multi30k test sets. GPU_CHECK_SKIP="tests levers" skips (1), (2).
+#       at most MINUTES, then `mt eval` on the Multi30k test sets (and tatoeba:test when the config trains on
+#       Tatoeba). GPU_CHECK_SKIP="tests levers" skips (1), (2). GPU_CHECK_CONFIG picks the config (default
+#       configs/multi30k-gpu.yaml; the general row: GPU_CHECK_CONFIG=configs/general-gpu.yaml ... 15).
 # The log (gpu_check.log) and the run's metrics.jsonl and train.log go to ${OUT:-/tmp/gpu_check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-config=configs/multi30k-gpu.yaml
+config=${GPU_CHECK_CONFIG:-configs/multi30k-gpu.yaml}
 
 if [[ ${1:-} == prepare ]]; then
   set -e
@@ -21,6 +23,7 @@ if [[ ${1:-} == prepare ]]; then
   grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   data_path=${MT_DATA_PATH:-../shared/data}
   cp "${data_path%%:*}"/multi30k/* data/multi30k/  # the first folder of a MT_DATA_PATH list
+  if grep -q tatoeba "$config"; then mkdir -p data/tatoeba && cp "${data_path%%:*}"/tatoeba/* data/tatoeba/; fi
   rm -f .whl/*.whl  # two versions of one package would stop the install there
   for pkg in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,7 +33,8 @@ if [[ ${1:-} == prepare ]]; then
   # The commit being checked, for the log: the GPU machine's copy of .git can lag behind the working tree.
   { git rev-parse HEAD; git status --short --untracked-files=no; } > .whl/COMMIT
   echo 'prepared; now call the device tool with command "bash scripts/gpu_check.sh [MINUTES]",' \
-    'carry ["data/multi30k", ".whl"], timeout_s 510'
+    "carry [\"data/multi30k\", \"data/tatoeba\", \".whl\"] (data/tatoeba if $config needs it), timeout_s 510" \
+    "${GPU_CHECK_CONFIG:+, with GPU_CHECK_CONFIG=$config before the command}"
   exit 0
 fi
 
@@ -82,8 +86,9 @@ main() {
     step "training (at most $minutes min)" "$train_limit" \
       python3 -m mt train --config "$config" --overwrite --set train.max_minutes="$minutes"
     cp "$run/metrics.jsonl" "$run/train.log" "$out/"
-    step "eval" "$(limit 60)" python3 -m mt eval --run "$run" --beam 5 \
-      --test multi30k:test_2016_flickr,multi30k:test_2017_flickr,multi30k:test_2017_mscoco
+    tests=multi30k:test_2016_flickr,multi30k:test_2017_flickr,multi30k:test_2017_mscoco
+    grep -q tatoeba "$config" && tests+=,tatoeba:test
+    step "eval" "$(limit 60)" python3 -m mt eval --run "$run" --beam 5 --test "$tests"
   elif ((whole_minutes > 0)); then
     echo "== training: skipped, ${SECONDS} s into a budget of $budget s (GPU_CHECK_SKIP=\"tests levers\" makes room)"
   fi

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 from unittest.mock import Mock
@@ -19,6 +20,7 @@ from mt import checkpoint
 from mt.cli import app
 from mt.errors import DataError
 from mt.tokenizer import Tokenizer
+from mt.translate import Translator
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -726,6 +728,19 @@ def test_translate_samples_reproducibly_and_completes_a_prefix(tiny_run):
     one_line_error(run("translate", "--run", run_dir, "--sample", "topq=3", text), r"--sample: expected topk=K")
     one_line_error(run("translate", "--run", run_dir, "--sample", "topk=2", "--beam", "3", text),
                    "neither --beam nor --nbest")
+
+
+def test_translate_with_the_repetition_guard(tiny_run):
+    run_dir, text = tiny_run / "runs" / "tiny", "Deux chiens jouent dans la neige avec une balle rouge."
+    translator = Translator.load(run_dir)
+    [[loose]] = translator.translate_nbest([text], 1)
+    assert len(set(loose.tokens)) < len(loose.tokens)  # the tiny run repeats itself
+    guarded = run("translate", "--run", run_dir, "--beam", "1", "--no-repeat-ngram-size", "1", text)
+    assert guarded.exit_code == 0, guarded.output
+    translator.config = replace(translator.config, decode=replace(translator.config.decode, no_repeat_ngram_size=1))
+    [[output]] = translator.translate_nbest([text], 1)
+    assert guarded.stdout.strip() == output.text != loose.text
+    assert len(set(output.tokens)) == len(output.tokens)  # no piece twice
 
 
 @pytest.mark.slow

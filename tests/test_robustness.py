@@ -87,11 +87,12 @@ def repeats_an_ngram(tokens: list[int], n: int) -> bool:
 @pytest.fixture(scope="module")
 def long_outputs(translator):
     """The untrained model, let run to 40 tokens: it loops, as an untrained or out-of-domain model does."""
-    decode = dataclasses.replace(translator.config.decode, max_len_a=0.0, max_len_b=40)
+    decode = dataclasses.replace(translator.config.decode, max_len_a=0.0, max_len_b=40, no_repeat_ngram_size=0)
     return Translator(translator.model, translator.tokenizer, dataclasses.replace(translator.config, decode=decode))
 
 
 def test_the_untrained_model_loops_without_the_guard(long_outputs):
+    assert long_outputs.config.decode.no_repeat_ngram_size == 0
     outputs = long_outputs.translate_nbest(["Un homme fait du vélo.", "Deux enfants jouent."], beam_size=2)
     assert any(repeats_an_ngram(o[0].tokens, 3) for o in outputs)
 
@@ -99,8 +100,9 @@ def test_the_untrained_model_loops_without_the_guard(long_outputs):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.text(max_size=60), min_size=1, max_size=4), st.sampled_from([1, 2, 3]), st.sampled_from([1, 3]))
 def test_with_the_guard_no_output_repeats_an_ngram(long_outputs, texts, n, beam):
-    long_outputs.config = dataclasses.replace(long_outputs.config, decode=dataclasses.replace(
-        long_outputs.config.decode, no_repeat_ngram_size=n))
-    for options in long_outputs.translate_nbest(texts, beam_size=beam, nbest=beam):
+    config = long_outputs.config
+    guarded = Translator(long_outputs.model, long_outputs.tokenizer, dataclasses.replace(
+        config, decode=dataclasses.replace(config.decode, no_repeat_ngram_size=n)))
+    for options in guarded.translate_nbest(texts, beam_size=beam, nbest=beam):
         for option in options:
             assert not repeats_an_ngram(option.tokens, n), option

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -182,6 +183,9 @@ def translate(
     seed: Annotated[int, typer.Option(min=0, help="With --sample: the same seed gives the same output.")] = 0,
     prefix: Annotated[str | None, typer.Option(help="Start every translation with this English text, then "
                                                "continue it (autocompletion).")] = None,
+    no_repeat: Annotated[int | None, typer.Option("--no-repeat-ngram-size", min=0, help="Repetition guard: no "
+                                                  "n-gram of this many pieces twice in a translation (0: off; "
+                                                  "default: the run's decode.no_repeat_ngram_size).")] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -211,6 +215,9 @@ def translate(
     if prefix is not None:
         check_text(prefix, "--prefix")
     translator = Translator.load(_run_folder(run, runs_dir), device=device, weights=weights)
+    if no_repeat is not None:
+        translator.config = replace(translator.config, decode=replace(translator.config.decode,
+                                                                      no_repeat_ngram_size=no_repeat))
     if beam is not None and beam < nbest:
         raise MtError(f"--nbest {nbest} needs a beam at least as wide: --beam {nbest} or more")
     if nbest > 1 and (beam or translator.config.decode.beam_size) < nbest:

@@ -191,3 +191,30 @@ def test_serve_takes_an_exported_folder(exported):
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+def test_the_steps_in_docs_export_translate_as_mt_does_without_mt(exported, valid):
+    """docs/export.md's recipe, written with CTranslate2, SentencePiece and YAML alone."""
+    import ctranslate2
+    import sentencepiece
+    import yaml
+
+    from mt.data import normalize_text
+
+    folder = exported / "float32"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    decode, limit = config["decode"], config["model"]["max_positions"] - 1
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    engine = ctranslate2.Translator(str(folder))
+    texts = valid[0][:100]
+    outputs = []
+    for text in texts:
+        pieces = sp.encode(normalize_text(text), out_type=str)[:limit]
+        length = min(int((len(pieces) + 1) * decode["max_len_a"] + decode["max_len_b"]), limit)
+        [result] = engine.translate_batch([pieces], beam_size=decode["beam_size"],
+                                         length_penalty=decode["length_penalty"], max_decoding_length=length,
+                                         max_input_length=0, return_end_token=True,
+                                         no_repeat_ngram_size=decode.get("no_repeat_ngram_size", 3))
+        tokens = [p for p in result.hypotheses[0] if p != "</s>"]
+        outputs.append(" ".join(sp.decode(tokens).split()))
+    assert outputs == Translator.load(folder).translate(texts)

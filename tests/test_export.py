@@ -20,6 +20,7 @@ from mt import checkpoint, corpora  # noqa: E402
 from mt.cli import app  # noqa: E402
 from mt.config import ModelConfig, load_run_config, save_config  # noqa: E402
 from mt.data import read_corpus  # noqa: E402
+from mt.errors import MtError  # noqa: E402
 from mt.export import ExportedTranslator, export_ctranslate2  # noqa: E402
 from mt.model import Transformer  # noqa: E402
 from mt.search import Sampling  # noqa: E402
@@ -76,17 +77,24 @@ def test_int8_stays_within_one_bleu_of_float32_on_a_valid_split(exported, valid)
     assert sacrebleu.corpus_bleu(outputs["int8"], [outputs["float32"]]).score > 50
 
 
-def test_prefix_and_sampling_go_through_ctranslate2(exported):
+def test_prefix_and_sampling_go_through_ctranslate2(tiny_run, exported):
     translator = Translator.load(exported / "float32")
     prefix = translator.tokenizer.encode(["Two dogs"])[0]
     [[forced]] = translator.translate_nbest(["Un homme fait du vélo."], prefix="Two dogs")
     assert forced.tokens[: len(prefix)] == prefix
     texts = ["Un homme fait du vélo.", "Deux chiens jouent dans la neige."] * 3
-    first, again = ([o[0].text for o in translator.translate_nbest(texts, sampling=Sampling(top_k=20, seed=7))]
-                    for _ in range(2))
-    assert first == again  # seeded: reproducible
+    first, again, other = ([o[0].text for o in translator.translate_nbest(
+        texts, sampling=Sampling(top_k=20, temperature=1.5, seed=seed))] for seed in (7, 7, 8))
+    assert first == again != other  # seeded: reproducible, and the seed matters
     greedy = translator.translate(texts, beam_size=1)
+    assert first != greedy
     assert [o[0].text for o in translator.translate_nbest(texts, sampling=Sampling(top_k=1))] == greedy
+    # A prefix for some texts only, as mt's own decoder completes them.
+    some = ["Two dogs", "", "A woman"]
+    outputs = translator.translate_nbest(texts[:3], beam_size=2, prefix=some)
+    ours = fp32(tiny_run / "runs" / "tiny").translate_nbest(texts[:3], beam_size=2, prefix=some)
+    assert [o[0].tokens for o in outputs] == [o[0].tokens for o in ours]
+    assert all(o[0].text.startswith(text) for text, o in zip(some, outputs, strict=True))
 
 
 ARCHITECTURES = [
@@ -155,8 +163,18 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tiny_run, tmp_path):
                    "expected one of float32, int8")
     one_line_error(run_mt("export", "--run", run, "--to", "onnx", "-o", tmp_path / "x"), "ctranslate2")
     one_line_error(run_mt("translate", "--run", tmp_path / "taken", "Bonjour"), "not a run folder")
-    assert not (tmp_path / "x").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no half-written folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_failed_export_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch, exported):
+    def fail(spec, folder, quantization):
+        (folder / "model.bin").write_bytes(b"half")
+        raise MtError("disk full")
+
+    monkeypatch.setattr("mt.export._convert", fail)
+    one_line_error(run_mt("export", "--run", tiny_run / "runs" / "tiny", "-o", tmp_path / "x"), "disk full")
+    assert list(tmp_path.iterdir()) == []  # neither x nor its staging folder
+    one_line_error(run_mt("export", "--run", exported / "int8", "-o", tmp_path / "y"), "already an export")
 
 
 def test_a_damaged_export_is_one_line(exported, tmp_path):
@@ -188,6 +206,10 @@ def test_serve_takes_an_exported_folder(exported):
         assert status == 200 and info["parameters"] == translator.num_parameters() > 0
         status, heatmap = request(url + "/attention", {"text": "Un chat dort."})
         assert status == 200 and heatmap.startswith(b"\x89PNG")
+        [[best]] = translator.translate_nbest(["Un chat dort."])
+        weights, source, output = translator.attention_map("Un chat dort.", best.tokens)
+        assert weights.shape == (1, 1, len(output), len(source))
+        assert torch.all(weights.sum(-1) <= 1.0 + 1e-5)
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0

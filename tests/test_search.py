@@ -122,9 +122,14 @@ def test_min_length_rules_out_an_empty_output():
         [greedy] = greedy_search(EndsAtOnce(), torch.tensor([5]), BOS, EOS, min_length=min_length)
         [beam] = beam_search(EndsAtOnce(), torch.tensor([5]), BOS, EOS, beam_size=1, min_length=min_length)
         assert greedy.tokens == beam[0].tokens == tokens
-    # Beam 2 with a minimum of 1: the empty output no longer takes one of the two finished places.
-    [hyps] = beam_search(FixedStepper(), torch.tensor([10]), BOS, EOS, beam_size=2, nbest=2, min_length=1)
-    assert all(h.tokens for h in hyps)
+    # Beam 2: without a minimum the empty output takes one of the two finished places; with 1 it cannot.
+    class EndsAtOnceEverywhere(EndsAtOnce):
+        table = EndsAtOnce.table | {t: {EOS: 1.0} for t in (0, 1, 5)}  # the beam's -inf rows
+
+    for min_length, empty in ((0, True), (1, False)):
+        [hyps] = beam_search(EndsAtOnceEverywhere(), torch.tensor([5]), BOS, EOS, beam_size=2, nbest=2,
+                             min_length=min_length)
+        assert any(not h.tokens for h in hyps) == empty
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

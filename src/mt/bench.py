@@ -43,7 +43,8 @@ from mt.devices import (
     resolve_device,
     training_precision,
 )
-from mt.errors import MtError
+from mt.errors import CheckpointError, MtError
+from mt.export import ExportedTranslator
 from mt.layers import SinusoidalPositions
 from mt.masks import causal_mask
 from mt.tokenizer import PAD
@@ -227,7 +228,8 @@ def run_benchmark(config: Config, run_dir: Path | None, seconds: float = 60.0, s
     measured: a caller stopped midway still has them."""
     device = resolve_device(config)
     if decode and run_dir is not None:  # a bad run or test set fails now, not after the training measurements
-        Translator.load(run_dir, device="cpu")  # its config, tokenizer and checkpoint
+        if isinstance(Translator.load(run_dir, device="cpu"), ExportedTranslator):  # its config, tokenizer, weights
+            raise CheckpointError(f"{run_dir} is an export: mt bench measures a run folder (and exports it itself)")
         corpora.resolve(test or _default_test(config), config.data.src_lang, config.data.tgt_lang)
     amp = autocast_dtype(config.train.precision, device)
     rows = [] if rows is None else rows
@@ -340,7 +342,7 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
 
     decoders = {"ours (KV cache)": (ours(True), precision), "recompute prefix": (ours(False), precision)}
     with tempfile.TemporaryDirectory(prefix="mt-bench-") as exports:
-        decoders |= _ctranslate2_decoders(run_dir, Path(exports), device)
+        decoders |= _ctranslate2_decoders(run_dir, Path(exports), device, config.decode.inter_threads)
         rows = []
         for beam in (1, 5):
             rows += _time_decoders(decoders, sources, files.name, beam, rounds, device, replace(
@@ -349,7 +351,7 @@ def _decoding_rows(run_dir: Path, config: Config, device: torch.device, test: st
     return rows
 
 
-def _ctranslate2_decoders(run_dir: Path, folder: Path, device: torch.device) -> dict:
+def _ctranslate2_decoders(run_dir: Path, folder: Path, device: torch.device, streams: int) -> dict:
     """CTranslate2 float32 and int8 decoders of the run, exported into `folder`; none when CTranslate2 is not
     installed or does not run on `device`."""
     from mt import export
@@ -364,7 +366,7 @@ def _ctranslate2_decoders(run_dir: Path, folder: Path, device: torch.device) -> 
     kinds = {"float32", "int8"} & ctranslate2.get_supported_compute_types(device.type)
     for kind in sorted(kinds):
         export.export_ctranslate2(run_dir, folder / kind, kind)
-        exported = export.ExportedTranslator.load(folder / kind, device.type)
+        exported = export.ExportedTranslator.load(folder / kind, device.type, streams=streams)
 
         def decode_with(batch: list[list[int]], decode: DecodeConfig, exported=exported) -> list[list[int]]:
             return [h[0].tokens for h in exported._search(batch, decode, 1, None, None, None)]

@@ -35,7 +35,7 @@ import torch
 from mt import checkpoint
 from mt.config import Config, DecodeConfig, load_run_config
 from mt.errors import CheckpointError, MtError
-from mt.search import Hypothesis, Sampling
+from mt.search import Hypothesis, Sampling, max_lengths
 from mt.tokenizer import EOS, Tokenizer
 from mt.translate import Translator, length_sorted_batches
 
@@ -61,6 +61,8 @@ def export_ctranslate2(run_dir: Path, out: Path, quantization: str = "float32", 
         raise MtError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if out.exists():
         raise MtError(f"{out} already exists: export into a new folder (or remove that one first)")
+    if (Path(run_dir) / EXPORT_INFO).is_file():
+        raise CheckpointError(f"{run_dir} is already an export: export the run folder it came from")
     translator = Translator.load(run_dir, device="cpu", weights=weights)
     spec = transformer_spec(translator.model.state_dict(), translator.config, translator.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,9 @@ def export_ctranslate2(run_dir: Path, out: Path, quantization: str = "float32", 
                 "parameters": translator.num_parameters(),
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-        os.rename(staging, out)  # fails if `out` appeared meanwhile: nothing is overwritten
+        if out.exists():  # appeared meanwhile; rename(2) would replace an empty folder
+            raise MtError(f"{out} appeared while exporting: the export is not written")
+        os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -180,7 +184,10 @@ class ExportedTranslator(Translator):
         self.engine, self.folder, self.info = engine, folder, info
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto", weights: str | None = None) -> ExportedTranslator:
+    def load(cls, folder: str | Path, device: str = "auto", weights: str | None = None,
+             streams: int | None = None) -> ExportedTranslator:
+        """`streams`: batches decoded at once on a CPU (CTranslate2's inter_threads; default the config's
+        `decode.inter_threads`)."""
         ctranslate2 = require_ctranslate2()
         folder = Path(folder)
         try:
@@ -191,12 +198,14 @@ class ExportedTranslator(Translator):
         tokenizer = Tokenizer.load(folder / checkpoint.TOKENIZER)
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise MtError(f"--device {device}: an exported model runs on cpu or cuda")
-        streams = config.decode.inter_threads if device == "cpu" else 1
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise MtError(f"--device {device}: an exported model runs on cpu, cuda or cuda:N")
+        streams = (streams or config.decode.inter_threads) if kind == "cpu" else 1
         threads = torch.get_num_threads()
         try:
-            engine = ctranslate2.Translator(str(folder), device=device, inter_threads=min(streams, threads),
+            engine = ctranslate2.Translator(str(folder), device=kind, device_index=int(index or 0),
+                                            inter_threads=min(streams, threads),
                                             intra_threads=max(1, threads // streams))
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"CTranslate2 cannot load {folder}: {e}") from None
@@ -214,8 +223,9 @@ class ExportedTranslator(Translator):
         limit = self.config.model.max_positions - 1
         sources = [list(s[:limit]) for s in sources]
         by_limit = defaultdict(list)  # the run's rule: a * (source tokens + EOS) + b, at most `limit`
-        for i, source in enumerate(sources):
-            by_limit[min(int((len(source) + 1) * decode.max_len_a + decode.max_len_b), limit)].append(i)
+        lengths = max_lengths(torch.tensor([len(s) + 1 for s in sources]), decode.max_len_a, decode.max_len_b, limit)
+        for i, length in enumerate(lengths.tolist()):
+            by_limit[length].append(i)
         options = dict(beam_size=decode.beam_size, num_hypotheses=nbest, length_penalty=decode.length_penalty,
                        no_repeat_ngram_size=decode.no_repeat_ngram_size, max_input_length=0, return_scores=True,
                        asynchronous=True,
@@ -262,12 +272,20 @@ class ExportedTranslator(Translator):
             tokens.pop()
         return Hypothesis(tokens, score if decode.beam_size > 1 else log_prob, log_prob)
 
+    def attention_map(self, text: str, output_tokens: list[int]) -> tuple[torch.Tensor, list[str], list[str]]:
+        """`cross_attention`'s weights, with the source pieces (CTranslate2 leaves out the source EOS) and the
+        output pieces, EOS included."""
+        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(self.encode([text])[0]),
+                self.tokenizer.pieces(list(output_tokens) + [EOS]))
+
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:
         """The last decoder layer's cross-attention, averaged over its heads (what CTranslate2 returns), while
-        producing `output_tokens` from `text`: (1, 1, output tokens + EOS, source tokens + EOS)."""
+        producing `output_tokens` from `text`: (1, 1, output tokens + EOS, source tokens). CTranslate2 gives no
+        weight to the source EOS, so each row sums to 1 less that one."""
         source = self.tokenizer.pieces(self.encode([text])[0])
         target = self.tokenizer.pieces(list(output_tokens) + [EOS])
         [result] = self.engine.translate_batch([source], target_prefix=[target], beam_size=1, max_input_length=0,
-                                               max_decoding_length=len(target) + 1, return_attention=True)
+                                               max_decoding_length=len(target) + 1, return_attention=True,
+                                               return_end_token=True)  # the EOS row too
         weights = torch.tensor(result.attention[0], dtype=torch.float32)[: len(target)]
         return weights[None, None]

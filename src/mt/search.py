@@ -34,7 +34,7 @@ class Hypothesis:
 class Stepper(Protocol):
     def step(self, history: torch.Tensor) -> torch.Tensor:
         """(N, t) tokens so far, BOS first -> (N, V) scores of the next token (logits: the search normalises
-        them into log-probabilities)."""
+        them into log-probabilities). The tensor is the caller's: the search may write into it."""
 
     def reorder(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """New row i continues old row index[i]. When sentences finish or move, `sentences` gives the old
@@ -92,8 +92,9 @@ class RecomputeStepper:
 
 
 def max_lengths(src_lengths: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
-    """Longest output per sentence: a * source length + b, at most `cap`."""
-    return (src_lengths.float() * a + b).long().clamp(max=cap)
+    """Longest output per sentence: a * source length + b, at most `cap` (in float64, as Python computes it, so
+    that an exported model's rule is the same: docs/export.md)."""
+    return (src_lengths.double() * a + b).long().clamp(max=cap)
 
 
 def compaction(done: torch.Tensor) -> torch.Tensor:

@@ -240,3 +240,14 @@ def test_the_steps_in_docs_export_translate_as_mt_does_without_mt(exported, vali
         tokens = [p for p in result.hypotheses[0] if p != "</s>"]
         outputs.append(" ".join(sp.decode(tokens).split()))
     assert outputs == Translator.load(folder).translate(texts)
+
+
+def test_translating_with_an_export_needs_no_torch(exported):
+    code = ("import sys\nfrom mt.cli import main\n"
+            "sys.argv = ['mt', 'translate', '--run', sys.argv[1], 'Un chat dort.']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code, str(exported / "int8")], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == Translator.load(exported / "int8").translate(["Un chat dort."])[0]

@@ -29,13 +29,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mt.config import Config, config_to_dict, load_run_config
 from mt.errors import CheckpointError, ConfigError, MtError
 from mt.files import write_atomically, write_bytes
+
+if TYPE_CHECKING:  # torch loads with the first checkpoint: `mt translate` of an export needs none
+    import torch
 
 CONFIG, TOKENIZER, LAST, BEST, AVERAGED = "config.yaml", "tokenizer.model", "last.pt", "best.pt", "averaged.pt"
 METRICS, DATA_STATS, LOG, CACHE = "metrics.jsonl", "data.json", "train.log", "cache"
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 def save(state: dict[str, Any], path: Path) -> None:
     """Writes `state` with torch.save through `files.write_atomically`: a kill or a full disk leaves `path` as it
     was, and the error (an MtError) names the file."""
+    import torch
+
     write_atomically(path, functools.partial(torch.save, state))
 
 
@@ -55,6 +58,8 @@ def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = Fals
     Raises:
         CheckpointError: naming the file, if it is missing, truncated or not a checkpoint.
     """
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -151,6 +156,7 @@ def average(paths: list[Path]) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: if a checkpoint does not load or the models differ in shape.
     """
+
     if not paths:
         raise CheckpointError("no checkpoints to average")
     total: dict[str, torch.Tensor] = {}

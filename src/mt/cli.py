@@ -196,8 +196,8 @@ def translate(
     mt translate --input news.fr > news.en;  cat news.fr | mt translate --json --nbest 3;
     mt translate "Un homme joue de la guitare." --attention attention.png
     """
-    from mt.data import check_text, decode_lines, read_lines
-    from mt.translate import Translator, in_chunks
+    from mt import translation
+    from mt.text import check_text, decode_lines, in_chunks, read_lines
 
     _setup_logging(quiet=True)
     text = " ".join(words) if words else None  # mt translate Un chat dort.: the shell's words, joined again
@@ -214,7 +214,7 @@ def translate(
         raise MtError("--sample draws one translation token by token: it goes with neither --beam nor --nbest")
     if prefix is not None:
         check_text(prefix, "--prefix")
-    translator = Translator.load(_run_folder(run, runs_dir), device=device, weights=weights)
+    translator = translation.load(_run_folder(run, runs_dir), device=device, weights=weights)
     if no_repeat is not None:
         translator.config = replace(translator.config, decode=replace(translator.config.decode,
                                                                       no_repeat_ngram_size=no_repeat))
@@ -274,7 +274,7 @@ def _sampling(spec: str, temperature: float, seed: int):
     Raises:
         MtError: for any other spec.
     """
-    from mt.search import Sampling
+    from mt.translation import Sampling
 
     name, _, value = spec.strip().partition("=")
     try:

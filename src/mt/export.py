@@ -29,17 +29,16 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mt import checkpoint
 from mt.config import Config, DecodeConfig, load_run_config
 from mt.errors import CheckpointError, MtError
-from mt.search import Hypothesis, Sampling, max_lengths
 from mt.tokenizer import EOS, Tokenizer
-from mt.translate import Translator, length_sorted_batches
+from mt.translation import EXPORT_INFO, BaseTranslator, Hypothesis, Sampling, length_sorted_batches
 
-EXPORT_INFO = "export.json"
+if TYPE_CHECKING:  # torch is imported where it is needed: an exported model translates without it
+    import torch
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16", "int8_float16",
                  "int8_bfloat16")
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's
@@ -63,6 +62,8 @@ def export_ctranslate2(run_dir: Path, out: Path, quantization: str = "float32", 
         raise MtError(f"{out} already exists: export into a new folder (or remove that one first)")
     if (Path(run_dir) / EXPORT_INFO).is_file():
         raise CheckpointError(f"{run_dir} is already an export: export the run folder it came from")
+    from mt.translate import Translator
+
     translator = Translator.load(run_dir, device="cpu", weights=weights)
     spec = transformer_spec(translator.model.state_dict(), translator.config, translator.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ def transformer_spec(state: dict[str, torch.Tensor], config: Config, tokenizer: 
 
 
 def _positions(d_model: int, max_positions: int):
-    from mt.layers import SinusoidalPositions
+    from mt.layers import SinusoidalPositions  # torch: exporting needs it
 
     return SinusoidalPositions(d_model, max_positions).table.numpy()
 
@@ -171,8 +172,8 @@ def _convert(spec, folder: Path, quantization: str) -> None:
     SpecConverter().convert(str(folder), quantization=quantization, force=True)
 
 
-class ExportedTranslator(Translator):
-    """A `Translator` whose search runs in CTranslate2, on a folder written by `export_ctranslate2`.
+class ExportedTranslator(BaseTranslator):
+    """A translator whose search runs in CTranslate2, on a folder written by `export_ctranslate2`.
 
     Sources are cut, normalised and tokenized as the run does; each sentence gets the run's max-length rule
     (CTranslate2 takes one maximum per call, so sentences are grouped by theirs), and its n-best lists, prefixes
@@ -180,7 +181,7 @@ class ExportedTranslator(Translator):
     """
 
     def __init__(self, engine, tokenizer: Tokenizer, config: Config, folder: Path, info: dict):
-        super().__init__(None, tokenizer, config, weights=folder / "model.bin")
+        super().__init__(tokenizer, config, weights=folder / "model.bin")
         self.engine, self.folder, self.info = engine, folder, info
 
     @classmethod
@@ -202,7 +203,7 @@ class ExportedTranslator(Translator):
         if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
             raise MtError(f"--device {device}: an exported model runs on cpu, cuda or cuda:N")
         streams = (streams or config.decode.inter_threads) if kind == "cpu" else 1
-        threads = torch.get_num_threads()
+        threads = len(os.sched_getaffinity(0))
         try:
             engine = ctranslate2.Translator(str(folder), device=kind, device_index=int(index or 0),
                                             inter_threads=min(streams, threads),
@@ -223,9 +224,8 @@ class ExportedTranslator(Translator):
         limit = self.config.model.max_positions - 1
         sources = [list(s[:limit]) for s in sources]
         by_limit = defaultdict(list)  # the run's rule: a * (source tokens + EOS) + b, at most `limit`
-        lengths = max_lengths(torch.tensor([len(s) + 1 for s in sources]), decode.max_len_a, decode.max_len_b, limit)
-        for i, length in enumerate(lengths.tolist()):
-            by_limit[length].append(i)
+        for i, source in enumerate(sources):  # as `mt.search.max_lengths` computes it, in float64
+            by_limit[min(int((len(source) + 1) * decode.max_len_a + decode.max_len_b), limit)].append(i)
         options = dict(beam_size=decode.beam_size, num_hypotheses=nbest, length_penalty=decode.length_penalty,
                        no_repeat_ngram_size=decode.no_repeat_ngram_size, max_input_length=0, return_scores=True,
                        asynchronous=True,
@@ -263,7 +263,7 @@ class ExportedTranslator(Translator):
 
         ctranslate2.set_random_seed(seed)
         return ctranslate2.Translator(str(self.folder), device=self.engine.device, inter_threads=1,
-                                      intra_threads=torch.get_num_threads())
+                                      intra_threads=len(os.sched_getaffinity(0)))
 
     def _hypothesis(self, pieces: Sequence[str], score: float, decode: DecodeConfig) -> Hypothesis:
         tokens = [self.tokenizer.sp.piece_to_id(p) for p in pieces]
@@ -287,5 +287,7 @@ class ExportedTranslator(Translator):
         [result] = self.engine.translate_batch([source], target_prefix=[target], beam_size=1, max_input_length=0,
                                                max_decoding_length=len(target) + 1, return_attention=True,
                                                return_end_token=True)  # the EOS row too
+        import torch
+
         weights = torch.tensor(result.attention[0], dtype=torch.float32)[: len(target)]
         return weights[None, None]

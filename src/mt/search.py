@@ -10,7 +10,6 @@ Beam scores are length-normalised: log P(y) / len(y) ** length_penalty, where le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -20,15 +19,7 @@ from mt import fastpaths
 from mt.masks import padding_mask
 from mt.model import Transformer
 from mt.tokenizer import PAD
-
-
-@dataclass
-class Hypothesis:
-    """An output: token ids (no BOS/EOS), its search score and its total log-probability."""
-
-    tokens: list[int]
-    score: float
-    log_prob: float
+from mt.translation import Hypothesis, Sampling
 
 
 class Stepper(Protocol):
@@ -134,18 +125,6 @@ def stable_slots(parents: torch.Tensor) -> torch.Tensor:
 def best_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V) logits -> the log-probability of each row's most probable token, and that token, (N,) each."""
     return logits.log_softmax(dim=-1, dtype=torch.float32).max(dim=-1)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Random sampling of each next token instead of the most probable one (`mt translate --sample`): from the
-    `top_k` most probable tokens (0: all of them), or from the fewest whose probabilities add up to `top_p`
-    (nucleus sampling), after dividing the log-probabilities by `temperature` (below 1: sharper)."""
-
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    seed: int = 0
 
 
 def sampled_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None

@@ -1,4 +1,4 @@
-"""Batched translation with a trained model, and `Translator`, which loads a run folder.
+"""Batched translation with a trained model, and `Translator`, which loads a run folder's PyTorch model.
 
 Sentences are sorted by length and cut into batches of about `batch_tokens` source tokens (times the beam
 size), so that little of each batch is padding; results come back in the input order.
@@ -7,9 +7,9 @@ size), so that little of each batch is padding; results come back in the input o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,20 +17,26 @@ from tqdm import tqdm
 
 from mt import checkpoint, fastpaths
 from mt.config import Config, DecodeConfig, load_run_config
-from mt.data import check_text, collate, normalize_text
+from mt.data import collate
 from mt.devices import autocast, autocast_dtype, pick_device
-from mt.errors import CheckpointError, ConfigError, MtError
+from mt.errors import CheckpointError
 from mt.model import Transformer
 from mt.search import (
     CachedStepper,
-    Hypothesis,
     RecomputeStepper,
-    Sampling,
     beam_search,
     greedy_search,
     max_lengths,
 )
 from mt.tokenizer import BOS, EOS, PAD, Tokenizer
+from mt.translation import (  # noqa: F401
+    EXPORT_INFO,
+    BaseTranslator,
+    Hypothesis,
+    Sampling,
+    Translation,
+    length_sorted_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +105,6 @@ def _translate_ids(model, sources, decode, nbest, use_cache, device, amp, bar, s
     return results
 
 
-def length_sorted_batches(sources: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
-    """Indices of `sources`, sorted by length and cut into batches of at most `budget` tokens (EOS
-    included, padding counted); a sentence longer than the budget makes a batch of its own."""
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    batches, start = [], 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * (len(sources[order[end]]) + 1) <= budget:
-            end += 1
-        batches.append(order[start:end])
-        start = end
-    return batches
-
-
 def _in_streams(work, batches: list[list[int]], streams: int, device: torch.device, amp) -> None:
     """Runs `work(batch)` for every batch, `streams` batches at a time, each in a thread of its own with an
     equal share of torch's CPU threads (CTranslate2's inter_threads and intra_threads).
@@ -141,7 +133,7 @@ def _in_streams(work, batches: list[list[int]], streams: int, device: torch.devi
         torch.set_num_threads(threads)
 
 
-class Translator:
+class Translator(BaseTranslator):
     """A trained model with its tokenizer and decoding defaults.
 
     >>> Translator.load("runs/multi30k").translate(["Un chien court."])  # doctest: +SKIP
@@ -150,8 +142,8 @@ class Translator:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: Config, amp: torch.dtype | None = None,
                  weights: Path | None = None):
-        self.model, self.tokenizer, self.config, self.amp = model, tokenizer, config, amp
-        self.weights = weights  # the checkpoint file the model was loaded from, if any
+        super().__init__(tokenizer, config, weights)  # weights: the checkpoint file the model came from, if any
+        self.model, self.amp = model, amp
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None) -> Translator:
@@ -161,14 +153,11 @@ class Translator:
         Raises:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
         """
-        from mt import export
-
         run_dir = checkpoint.check_run(Path(run_dir))
-        if (run_dir / export.EXPORT_INFO).is_file():  # a folder written by `mt export`
-            if weights is not None:
-                raise CheckpointError(f"{run_dir} is an exported model: it has one set of weights, and takes no "
-                                      "--weights")
-            return export.ExportedTranslator.load(run_dir, device)
+        if (run_dir / EXPORT_INFO).is_file():  # a folder written by `mt export`
+            from mt.export import ExportedTranslator
+
+            return ExportedTranslator.load(run_dir, device, weights)
         config = load_run_config(run_dir / checkpoint.CONFIG)
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
         path = run_dir / (weights or checkpoint.BEST)
@@ -197,102 +186,14 @@ class Translator:
         return cls(model.to(device).eval(), tokenizer, config, autocast_dtype(config.decode.precision, device),
                    weights=path)
 
-    def translate(self, texts: Iterable[str], beam_size: int | None = None,
-                  length_penalty: float | None = None) -> list[str]:
-        """Translates each text; an empty or blank text gives an empty line. Decoding settings default to
-        the run's `decode` section."""
-        return [options[0].text for options in self.translate_nbest(texts, beam_size, length_penalty, nbest=1)]
-
-    def translate_nbest(
-        self, texts: Iterable[str], beam_size: int | None = None, length_penalty: float | None = None,
-        nbest: int = 1, progress: str | None = None, sampling: Sampling | None = None,
-        prefix: str | Sequence[str] | None = None,
-    ) -> list[list[Translation]]:
-        """The `nbest` best translations of each text, best first. A blank text gives `nbest` empty ones.
-        With `sampling`, one translation drawn at random (beam size 1). With `prefix` (one for all texts, or one
-        per text), each translation starts with it.
-
-        Raises:
-            TypeError: for one string rather than a list of them (it would be translated letter by letter).
-            ValueError: for a beam size or `nbest` below 1, or an `nbest` above the beam size; for sampling
-                with a beam or an n-best list, or sampling settings out of range.
-        """
-        if isinstance(texts, str):
-            raise TypeError(f"translate a list of texts: [{texts!r}], not one string")
-        texts = list(texts)  # a generator is read once, here
-        decode = self.config.decode
-        if sampling is not None:
-            if (beam_size or 1) != 1 or nbest != 1:
-                raise ValueError("sampling draws one translation token by token: it takes no beam and no nbest")
-            if sampling.top_k < 0 or not 0.0 < sampling.top_p <= 1.0 or not sampling.temperature > 0.0:
-                raise ValueError(f"sampling needs top_k >= 0, 0 < top_p <= 1 and temperature > 0, got {sampling}")
-            beam_size = 1
-        if beam_size is not None:
-            if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-                raise ValueError(f"beam_size must be an integer of at least 1 (1 = greedy), got {beam_size!r}")
-            decode = replace(decode, beam_size=beam_size)
-        if isinstance(nbest, bool) or not isinstance(nbest, int) or not 1 <= nbest <= decode.beam_size:
-            raise ValueError(f"nbest must be an integer from 1 to the beam size ({decode.beam_size}), got {nbest!r}")
-        if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step keeps the 2 × beam best extensions
-            raise ConfigError(f"beam size {decode.beam_size} is too large for this model's vocabulary of "
-                              f"{self.tokenizer.vocab_size} pieces: at most {self.tokenizer.vocab_size // 2}")
-        if length_penalty is not None:
-            decode = replace(decode, length_penalty=length_penalty)
-        sources = self.encode(texts)
-        prefixes = None
-        if prefix is not None:
-            prefixes = [prefix] * len(texts) if isinstance(prefix, str) else list(prefix)
-            if len(prefixes) != len(texts):
-                raise ValueError(f"{len(prefixes)} prefixes for {len(texts)} texts")
-            for number, text in enumerate(prefixes, start=1):
-                check_text(text, f"prefix {number}")
-            prefixes = [ids[: self.config.model.max_positions - 2] for ids in self.tokenizer.encode(
-                [self._clean(p) for p in prefixes])]
-        hyps = self._search(sources, decode, nbest, progress, sampling, prefixes)
-        outputs = []
-        for text, options in zip(texts, hyps, strict=True):
-            if not text.strip():
-                outputs.append([Translation("", 0.0, []) for _ in range(nbest)])
-                continue
-            lines = self.tokenizer.decode([h.tokens for h in options])
-            outputs.append([Translation(" ".join(line.split()), h.score, h.tokens)
-                            for line, h in zip(lines, options, strict=True)])
-        return outputs
-
     def _search(self, sources: list[list[int]], decode: DecodeConfig, nbest: int, progress: str | None,
                 sampling: Sampling | None, prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
-        """The search itself, on token ids: `translate_ids` (an exported model decodes with CTranslate2 here)."""
+        """`translate_ids` with the run's model."""
         return translate_ids(self.model, sources, decode, nbest=nbest, amp=self.amp, progress=progress,
                              sampling=sampling, prefixes=prefixes)
 
     def num_parameters(self) -> int:
         return self.model.num_parameters()
-
-    @property
-    def attention_layers(self) -> int:
-        """The layers of `cross_attention`'s weights."""
-        return self.config.model.decoder_layers
-
-    def _clean(self, text: str) -> str:
-        """`text` normalised the way the training data was."""
-        return normalize_text(text) if self.config.data.normalize else " ".join(text.split())
-
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of input texts, normalised the way the training data was, and cut to the longest source
-        the model takes (`model.max_positions`, less EOS)."""
-        limit = self.config.model.max_positions - 1
-        for number, text in enumerate(texts, start=1):
-            check_text(text, f"input {number}")
-        ids = self.tokenizer.encode([self._clean(t) for t in texts])
-        if cut := sum(len(i) > limit for i in ids):
-            log.warning("%d input line(s) longer than %d tokens cut to that length, the longest source the model "
-                        "takes (model.max_positions): their ends are not translated", cut, limit)
-        return [i[:limit] for i in ids]
-
-    def attention_map(self, text: str, output_tokens: list[int]) -> tuple[torch.Tensor, list[str], list[str]]:
-        """`cross_attention`'s weights, with the source and output pieces (EOS included) they lie between."""
-        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(self.encode([text])[0] + [EOS]),
-                self.tokenizer.pieces(list(output_tokens) + [EOS]))
 
     @torch.no_grad()
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:
@@ -303,30 +204,3 @@ class Translator:
         memory, mask = self.model.encode(batch.src)
         weights = self.model.cross_attention(batch.tgt_in, memory, mask)
         return torch.stack([w[0] for w in weights]).float().cpu()
-
-
-@dataclass
-class Translation:
-    """One translation of one input: the text, its search score and its token ids."""
-
-    text: str
-    score: float
-    tokens: list[int]
-
-
-def in_chunks(lines: Iterable[str], size: int = 64) -> Iterator[list[str]]:
-    """`lines` in lists of `size`, each given as soon as it is full: a stream is translated as it arrives. A
-    line that fails to read (a DataError) comes after the lines before it, which are given first."""
-    chunk: list[str] = []
-    try:
-        for line in lines:
-            chunk.append(line)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    except MtError:
-        if chunk:
-            yield chunk
-        raise
-    if chunk:
-        yield chunk

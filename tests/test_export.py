@@ -251,3 +251,8 @@ def test_translating_with_an_export_needs_no_torch(exported):
                             timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == Translator.load(exported / "int8").translate(["Un chat dort."])[0]
+
+
+def test_an_export_takes_no_weights_option(exported):
+    one_line_error(run_mt("translate", "--run", exported / "int8", "--weights", "last.pt", "Bonjour"),
+                   "takes no --weights")

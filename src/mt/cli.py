@@ -521,12 +521,11 @@ def export(
 
     Example: mt export --run runs/multi30k --quantization int8 -o runs/multi30k-int8
     """
-    from mt.export import export_ctranslate2, require_ctranslate2
+    from mt.export import export_ctranslate2
 
     _setup_logging(quiet=True)
     if to != "ctranslate2":
         raise MtError(f"--to {to!r}: the one format mt exports to is ctranslate2")
-    require_ctranslate2()
     info = export_ctranslate2(_run_folder(run, runs_dir), out, quantization, weights)
     typer.echo(f"exported {info['run']} ({info['weights']}, {info['quantization']}) to {out}")
 

@@ -191,6 +191,8 @@ class ExportedTranslator(BaseTranslator):
         `decode.inter_threads`)."""
         ctranslate2 = require_ctranslate2()
         folder = Path(folder)
+        if weights is not None:
+            raise CheckpointError(f"{folder} is an exported model: it has one set of weights, and takes no --weights")
         try:
             info = json.loads((folder / EXPORT_INFO).read_text())
         except (OSError, ValueError) as e:

@@ -744,14 +744,11 @@ def test_translate_with_the_repetition_guard(tiny_run):
 
 
 @pytest.mark.slow
-def test_importing_mt_changes_nothing_and_the_command_sets_its_process_settings():
+def test_importing_mt_or_configuring_the_command_leaves_the_environment_alone():
     code = ("import os; before = dict(os.environ)\n"
             "import mt, mt.cli, mt.serve, mt.train, mt.translate\n"
             "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n"
-            "mt.cli.configure_process(); print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    for exported, expected in ((None, "256"), ("64", "64")):  # a value the user exported wins
-        extra = {} if exported is None else {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": exported}
-        result = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr
+            "mt.cli.configure_process()  # the allocator only: no variable for torch or oneDNN\n"
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -656,17 +656,14 @@ def _corpus_arg(text: str) -> str | dict[str, str]:
 def configure_process() -> None:
     """The process-wide settings `mt`'s commands run with, made here and nowhere else.
 
-    oneDNN, which runs torch's bf16 matrix products on the CPU, keeps the kernels it builds for the last
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY shapes it saw (1024 by default, each with its own memory). With the rows
-    padded to a few dozen counts (`mt.fastpaths.cpu_kernels`), 256 hold a run's shapes. Set before torch's
-    first product; a value the user exported wins.
-
     glibc's malloc keeps freed blocks of up to 64 MB for reuse instead of handing them back to the system: a
     training step makes and frees tensors of a few megabytes, and without this each of them page-faults its
     memory in again (BENCHMARKS.md, "Levers"). Keeping up to 256 MB free costs at most that much memory.
     Nothing is changed where the C library is not glibc, or where the user set any MALLOC_* variable.
+
+    oneDNN's kernel cache keeps torch's default (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1,024 kernels): decoding
+    brings hundreds of shapes, and a smaller cache rebuilds their kernels at every batch (BENCHMARKS.md).
     """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError, AttributeError):

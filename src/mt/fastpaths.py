@@ -50,10 +50,10 @@ def cpu_kernels(device: torch.device) -> contextlib.AbstractContextManager:
     Training runs within it; decoding does not, where the mode's own cost per operation outweighed the padding.
 
     `padded_linear`: torch runs a bf16 matrix product on the CPU through oneDNN, which builds a kernel for each
-    shape of its operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (set by
-    `mt.cli.configure_process`). Building one costs more than the product itself on AMX, and translation
-    batches bring new row counts at nearly every step; padded, a run's row counts fall into a few dozen shapes
-    that stay cached. fp32 products (MKL) run as they are.
+    shape of its operands and keeps the last ONEDNN_PRIMITIVE_CACHE_CAPACITY of them (1,024 by default).
+    Building one costs more than the product itself on AMX, and training batches bring new row counts at nearly
+    every step; padded, a run's row counts fall into a few dozen shapes that stay cached. fp32 products (MKL)
+    run as they are.
 
     `dropout16`: `F.dropout` draws a Bernoulli sample per unit, which costs more than the rest of dropout.
     """

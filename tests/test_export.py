@@ -256,3 +256,19 @@ def test_translating_with_an_export_needs_no_torch(exported):
 def test_an_export_takes_no_weights_option(exported):
     one_line_error(run_mt("translate", "--run", exported / "int8", "--weights", "last.pt", "Bonjour"),
                    "takes no --weights")
+
+
+def test_the_bench_gives_torch_its_threads_back_after_ctranslate2(tiny_run, tmp_path):
+    from mt.bench import _ctranslate2_decoders
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        decoders = _ctranslate2_decoders(tiny_run / "runs" / "tiny", tmp_path, torch.device("cpu"), streams=2)
+        assert torch.get_num_threads() == 2  # creating a CTranslate2 translator had set it to its intra_threads
+        run, _ = decoders["CTranslate2 float32"]
+        config = load_run_config(tiny_run / "runs" / "tiny" / checkpoint.CONFIG)
+        assert run([[5, 6, 7]], config.decode)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

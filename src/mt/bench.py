@@ -16,6 +16,7 @@ Model FLOPs count the real (non-padding) tokens only: padding is work the hardwa
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import resource
@@ -366,13 +367,26 @@ def _ctranslate2_decoders(run_dir: Path, folder: Path, device: torch.device, str
     kinds = {"float32", "int8"} & ctranslate2.get_supported_compute_types(device.type)
     for kind in sorted(kinds):
         export.export_ctranslate2(run_dir, folder / kind, kind)
-        exported = export.ExportedTranslator.load(folder / kind, device.type, streams=streams)
+        with _torch_threads_kept():
+            exported = export.ExportedTranslator.load(folder / kind, device.type, streams=streams)
 
         def decode_with(batch: list[list[int]], decode: DecodeConfig, exported=exported) -> list[list[int]]:
-            return [h[0].tokens for h in exported._search(batch, decode, 1, None, None, None)]
+            with _torch_threads_kept():
+                return [h[0].tokens for h in exported._search(batch, decode, 1, None, None, None)]
 
         decoders[f"CTranslate2 {kind}"] = (decode_with, f"CTranslate2 {ctranslate2.__version__}, {kind} weights")
     return decoders
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Gives torch back its thread count on leaving: CTranslate2 sets the OpenMP thread count of the thread that
+    creates or runs a translator, which torch shares, and torch's decoding then ran on one thread of two."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _time_decoders(decoders: dict, sources: list[list[int]], test_name: str, beam: int, rounds: int,

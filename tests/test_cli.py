@@ -752,3 +752,16 @@ def test_importing_mt_or_configuring_the_command_leaves_the_environment_alone():
             "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("exported, expected", [(None, "256"), ("64", "64")])
+def test_mt_train_alone_caps_onednns_kernel_cache_unless_the_user_did(monkeypatch, tmp_path, exported, expected):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    if exported is not None:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", exported)
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == expected
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    CliRunner().invoke(app, ["translate", "--run", str(tmp_path / "missing"), "Un chat."])
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # decoding keeps torch's 1,024

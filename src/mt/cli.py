@@ -144,6 +144,10 @@ def train(
     from mt.config import load_config
     from mt.train import train as run_training
 
+    # oneDNN keeps a kernel for each shape of a bf16 product on the CPU, 1,024 by default, which decoding needs
+    # (configure_process). Training pads its products to a few dozen shapes, and 256 kernels keep the memory
+    # of its validation's decoding about 300 MB lower. Read at the first product; a value the user set wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     _setup_logging(quiet, verbose)
     if resume and overwrite:
         raise MtError("--resume and --overwrite exclude each other")
@@ -663,6 +667,7 @@ def configure_process() -> None:
 
     oneDNN's kernel cache keeps torch's default (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1,024 kernels): decoding
     brings hundreds of shapes, and a smaller cache rebuilds their kernels at every batch (BENCHMARKS.md).
+    `mt train` alone sets 256, for memory (`train`).
     """
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")

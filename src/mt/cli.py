@@ -494,14 +494,14 @@ def serve(
     Needs the serve extra (pip install -e '.[serve]'). Example: mt serve --run runs/multi30k, then
     curl -s localhost:8000/translate -H 'content-type: application/json' -d '{"text": "Un chat dort."}'
     """
-    from mt.serve import require_extra
+    from mt.serve import on_model_thread, require_extra
     from mt.serve import serve as run_server
     from mt.translate import Translator
 
     _setup_logging()
     require_extra()  # a missing extra is reported before the model loads
     run_dir = _run_folder(run, runs_dir)
-    translator = Translator.load(run_dir, device=device, weights=weights)
+    translator = on_model_thread(Translator.load, run_dir, device=device, weights=weights)
     limits = Limits(max_chars=max_chars, max_texts=max_texts, max_body_bytes=max_body_bytes, max_beam=max_beam,
                     max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     run_server(translator, run_dir.name, host, port, limits, ready=lambda line: typer.echo(line, err=True))

@@ -5,6 +5,12 @@ Requests that arrive together are decoded as one batch, as CTranslate2's and Mar
 `max_wait_ms`, then decodes them in its own thread, so that the event loop keeps answering (`/health` among
 others) while a batch decodes. A batch takes the waiting requests' sentences in turn, one from each, so a
 long request is decoded a batch at a time beside the short ones that arrive meanwhile.
+
+Every torch operation of the server runs in one thread, `on_model_thread`'s, the model's loading included.
+torch's OpenMP gives each thread that runs parallel operations a team of worker threads of its own; once
+two teams hold more threads than the machine has cores, libgomp's workers stop spin-waiting, and each small
+operation of a decoding step then waits for its workers to wake. A batch decoded on a second thread ran at
+0.55x of the first thread's speed on 2 cores (BENCHMARKS.md, "Serving").
 """
 
 import asyncio
@@ -17,7 +23,7 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +57,18 @@ def require_extra():
     except ImportError:
         raise MtError("mt serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     return fastapi, uvicorn
+
+
+_model_thread: ThreadPoolExecutor | None = None
+
+
+def on_model_thread(work: Callable[..., Any], *args, **kwargs) -> Any:
+    """`work(*args, **kwargs)`, run in the one thread that runs the server's torch operations (see above);
+    its result, or its exception, comes back to the caller."""
+    global _model_thread
+    if _model_thread is None:
+        _model_thread = ThreadPoolExecutor(1, thread_name_prefix="mt-model")
+    return _model_thread.submit(work, *args, **kwargs).result()
 
 
 # Batching across requests
@@ -143,7 +161,7 @@ class Batcher:
         beam_size, nbest = settings
         try:
             with self.lock:
-                outputs = self.translate([request.texts[i] for request, i in batch], beam_size, nbest)
+                outputs = on_model_thread(self.translate, [request.texts[i] for request, i in batch], beam_size, nbest)
         except BaseException as e:  # the requests in this batch fail, with what is left of them; the server goes on
             if isinstance(e, MtError):
                 log.warning("a batch failed: %s", e)
@@ -305,7 +323,7 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
 
         def draw() -> bytes:
             with batcher.lock:
-                weights, source, output = translator.attention_map(request.text, options[0].tokens)
+                weights, source, output = on_model_thread(translator.attention_map, request.text, options[0].tokens)
             with draw_lock:
                 return plots.png(plots.attention_figure(weights, source, output, (request.layer or layers) - 1))
 

@@ -298,7 +298,7 @@ def test_serve_without_the_extra_names_the_install_command(tiny_run):
 
 
 def test_the_server_runs_its_torch_work_on_one_thread():
-    # Decoding on a second thread that runs parallel torch operations was 0.55x as fast (mt.serve's docstring).
+    # A second thread that runs parallel torch operations slows every thread's (mt.serve's docstring).
     from mt.serve import on_model_thread
 
     threads = []

@@ -9,8 +9,8 @@ long request is decoded a batch at a time beside the short ones that arrive mean
 Every torch operation of the server runs in one thread, `on_model_thread`'s, the model's loading included.
 torch's OpenMP gives each thread that runs parallel operations a team of worker threads of its own; once
 two teams hold more threads than the machine has cores, libgomp's workers stop spin-waiting, and each small
-operation of a decoding step then waits for its workers to wake. A batch decoded on a second thread ran at
-0.55x of the first thread's speed on 2 cores (BENCHMARKS.md, "Serving").
+operation of a decoding step then waits for its workers to wake: the load test served 1.5x the sentences per
+second once the model's work kept to one thread (BENCHMARKS.md, "Serving").
 """
 
 import asyncio

@@ -156,7 +156,6 @@ def average(paths: list[Path]) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: if a checkpoint does not load or the models differ in shape.
     """
-
     if not paths:
         raise CheckpointError("no checkpoints to average")
     total: dict[str, torch.Tensor] = {}

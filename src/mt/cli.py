@@ -658,7 +658,7 @@ def _corpus_arg(text: str) -> str | dict[str, str]:
 
 
 def configure_process() -> None:
-    """The process-wide settings `mt`'s commands run with, made here and nowhere else.
+    """The process-wide settings every `mt` command runs with (`mt train` adds one of its own: `train`).
 
     glibc's malloc keeps freed blocks of up to 64 MB for reuse instead of handing them back to the system: a
     training step makes and frees tensors of a few megabytes, and without this each of them page-faults its

@@ -180,6 +180,8 @@ class ExportedTranslator(BaseTranslator):
     and sampling go through CTranslate2's own options.
     """
 
+    attends_to_source_eos = False  # CTranslate2 gives it no weight and no column
+
     def __init__(self, engine, tokenizer: Tokenizer, config: Config, folder: Path, info: dict):
         super().__init__(tokenizer, config, weights=folder / "model.bin")
         self.engine, self.folder, self.info = engine, folder, info
@@ -273,12 +275,6 @@ class ExportedTranslator(BaseTranslator):
         if tokens and tokens[-1] == EOS:
             tokens.pop()
         return Hypothesis(tokens, score if decode.beam_size > 1 else log_prob, log_prob)
-
-    def attention_map(self, text: str, output_tokens: list[int]) -> tuple[torch.Tensor, list[str], list[str]]:
-        """`cross_attention`'s weights, with the source pieces (CTranslate2 leaves out the source EOS) and the
-        output pieces, EOS included."""
-        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(self.encode([text])[0]),
-                self.tokenizer.pieces(list(output_tokens) + [EOS]))
 
     def cross_attention(self, text: str, output_tokens: list[int]) -> torch.Tensor:
         """The last decoder layer's cross-attention, averaged over its heads (what CTranslate2 returns), while

@@ -85,7 +85,7 @@ class _Request:
 
 
 class Batcher:
-    """Decodes the texts of many requests in shared batches, in one thread of its own.
+    """Decodes the texts of many requests in shared batches, formed in a thread of its own, on the model thread.
 
     Args:
         translate: decodes a list of texts with (beam size, nbest); `Translator.translate_nbest`.
@@ -97,7 +97,6 @@ class Batcher:
         self.translate, self.max_tokens, self.max_wait = translate, max_tokens, max_wait
         self.waiting: deque[tuple[float, _Request]] = deque()  # (arrival time, request), oldest first
         self.changed = threading.Condition()
-        self.lock = threading.Lock()  # held while the model decodes: others that use the model take it too
         self.closing = False
         self.batches = 0  # batches decoded, for /info and the tests
         self.thread = threading.Thread(target=self._run, name="mt-batcher", daemon=True)
@@ -160,8 +159,7 @@ class Batcher:
     def _decode(self, batch: list[tuple[_Request, int]], settings) -> None:
         beam_size, nbest = settings
         try:
-            with self.lock:
-                outputs = on_model_thread(self.translate, [request.texts[i] for request, i in batch], beam_size, nbest)
+            outputs = on_model_thread(self.translate, [request.texts[i] for request, i in batch], beam_size, nbest)
         except BaseException as e:  # the requests in this batch fail, with what is left of them; the server goes on
             if isinstance(e, MtError):
                 log.warning("a batch failed: %s", e)
@@ -322,8 +320,7 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         [options] = await asyncio.wrap_future(batcher.submit([request.text], lengths, None, 1))
 
         def draw() -> bytes:
-            with batcher.lock:
-                weights, source, output = on_model_thread(translator.attention_map, request.text, options[0].tokens)
+            weights, source, output = on_model_thread(translator.attention_map, request.text, options[0].tokens)
             with draw_lock:
                 return plots.png(plots.attention_figure(weights, source, output, (request.layer or layers) - 1))
 

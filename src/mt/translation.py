@@ -86,6 +86,8 @@ class Translation:
 class BaseTranslator:
     """A tokenizer and a run's config, around a search that subclasses give (`_search`)."""
 
+    attends_to_source_eos = True  # whether `cross_attention` has a column for the source's EOS
+
     def __init__(self, tokenizer: Tokenizer, config: Config, weights: Path | None = None):
         self.tokenizer, self.config = tokenizer, config
         self.weights = weights  # the file the model was loaded from, if any
@@ -187,5 +189,6 @@ class BaseTranslator:
 
     def attention_map(self, text: str, output_tokens: list[int]) -> tuple[torch.Tensor, list[str], list[str]]:
         """`cross_attention`'s weights, with the source and output pieces (EOS included) they lie between."""
-        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(self.encode([text])[0] + [EOS]),
+        source = self.encode([text])[0] + [EOS] * self.attends_to_source_eos
+        return (self.cross_attention(text, output_tokens), self.tokenizer.pieces(source),
                 self.tokenizer.pieces(list(output_tokens) + [EOS]))

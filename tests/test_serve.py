@@ -191,6 +191,35 @@ def test_a_long_request_holds_back_a_short_one_for_one_batch_at_most():
         batcher.close()
 
 
+def test_a_batch_waits_for_the_clients_just_answered_but_a_lone_client_does_not_wait():
+    batches, decoding = [], threading.Event()
+
+    def translate(texts, beam, nbest):
+        batches.append(sorted(texts))
+        decoding.set()
+        time.sleep(0.3)  # longer than max_wait
+        return [[t] for t in texts]
+
+    batcher = Batcher(translate, max_tokens=1000, max_wait=0.2)
+    try:
+        def client(name: str, again: str) -> None:  # sends `again` 50 ms after `name` is translated
+            batcher.submit([name], [1], None, 1).add_done_callback(
+                lambda _: threading.Timer(0.05, batcher.submit, ([again], [1], None, 1)).start())
+
+        client("a", "a2")
+        client("b", "b2")
+        decoding.wait(5)
+        batcher.submit(["c"], [1], None, 1).result(5)  # came while a and b decoded, and waited longer than max_wait
+        assert batches[:2] == [["a", "b"], ["a2", "b2", "c"]]  # c waited for a's and b's clients to come back
+
+        batcher.submit(["d"], [1], None, 1).result(5)  # one client from now on: d waits max_wait for the others
+        start = time.monotonic()
+        assert batcher.submit(["e"], [1], None, 1).result(5) == [["e"]]
+        assert time.monotonic() - start < 0.3 + 0.15  # e did not wait
+    finally:
+        batcher.close()
+
+
 def test_a_failed_batch_fails_its_requests_and_the_next_one_decodes():
     def translate(texts, beam, nbest):
         if "boom" in texts:

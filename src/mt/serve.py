@@ -1,21 +1,22 @@
 """`mt serve`: a trained run behind HTTP, with FastAPI and uvicorn (the `serve` extra).
 
 Requests that arrive together are decoded as one batch, as CTranslate2's and Marian's servers do: the
-`Batcher` collects sentences until `max_batch_tokens` source tokens are waiting or the oldest has waited
-`max_wait_ms`, then decodes them in its own thread, so that the event loop keeps answering (`/health` among
-others) while a batch decodes. A batch takes the waiting requests' sentences in turn, one from each, so a
-long request is decoded a batch at a time beside the short ones that arrive meanwhile.
+`Batcher` collects sentences until `max_batch_tokens` source tokens are waiting, or as many requests as it
+expects (those it has just answered, whose clients are likely to send again, and those already waiting), or
+until `max_wait_ms` have passed; then it decodes them in its own thread, so that the event loop keeps
+answering (`/health` among others) while a batch decodes. A batch takes the waiting requests' sentences in
+turn, one from each, so a long request is decoded a batch at a time beside the short ones that arrive meanwhile.
 
 Every torch operation of the server runs in one thread, `on_model_thread`'s, the model's loading included.
 torch's OpenMP gives each thread that runs parallel operations a team of worker threads of its own; once
 two teams hold more threads than the machine has cores, libgomp's workers stop spin-waiting, and each small
-operation of a decoding step then waits for its workers to wake: the load test served 1.5x the sentences per
-second once the model's work kept to one thread (BENCHMARKS.md, "Serving").
+operation of a decoding step then waits for its workers to wake (BENCHMARKS.md, "Serving").
 """
 
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -47,7 +48,7 @@ class Limits:
     max_body_bytes: int = 4 << 20  # bytes of one request body
     max_beam: int = 16  # the widest beam a request may ask for
     max_batch_tokens: int = 4096  # source tokens decoded together
-    max_wait_ms: float = 10.0  # how long the oldest waiting sentence waits for others to join its batch
+    max_wait_ms: float = 20.0  # how long a batch waits for the requests it expects
 
 
 def require_extra():
@@ -89,8 +90,11 @@ class Batcher:
 
     Args:
         translate: decodes a list of texts with (beam size, nbest); `Translator.translate_nbest`.
-        max_tokens: a batch closes once this many source tokens are in it ...
-        max_wait: ... or once its oldest text has waited this many seconds.
+        max_tokens: a batch closes once this many source tokens wait ...
+        max_wait: ... or as many requests as the last batch answered plus those that were waiting then (under
+            steady load the clients just answered send again, and a batch that went without them would split
+            the load into two half-full batches for good), or this many seconds after the oldest request
+            arrived or the last batch ended, whichever is later.
     """
 
     def __init__(self, translate: Callable[[list[str], int | None, int], list], max_tokens: int, max_wait: float):
@@ -123,6 +127,7 @@ class Batcher:
         self.thread.join()
 
     def _run(self) -> None:
+        free_since, expected = time.monotonic(), math.inf  # the first batch waits its max_wait
         while True:
             with self.changed:
                 while not self.waiting and not self.closing:
@@ -130,18 +135,26 @@ class Batcher:
                 if not self.waiting:
                     return
                 arrived, oldest = self.waiting[0]
-                while (not self.closing and self._waiting_tokens(oldest.settings) < self.max_tokens
-                       and (left := arrived + self.max_wait - time.monotonic()) > 0):
+                deadline = max(arrived, free_since) + self.max_wait
+                while not self.closing and not self._ready(oldest.settings, expected) and (
+                        left := deadline - time.monotonic()) > 0:
                     self.changed.wait(left)
                 batch = self._take(oldest.settings)
-            self._decode(batch, oldest.settings)
+            answered = self._decode(batch, oldest.settings)
+            with self.changed:  # the clients just answered are likely to send again: wait for them too
+                free_since, expected = time.monotonic(), answered + len(self._alike(oldest.settings))
 
-    def _waiting_tokens(self, settings) -> int:
-        return sum(sum(r.lengths[r.taken:]) for _, r in self.waiting if r.settings == settings)
+    def _alike(self, settings) -> list[_Request]:
+        return [r for _, r in self.waiting if r.settings == settings]
+
+    def _ready(self, settings, expected: float) -> bool:
+        """Whether a batch is worth decoding now: `expected` requests wait, or `max_tokens` source tokens."""
+        alike = self._alike(settings)
+        return len(alike) >= expected or sum(sum(r.lengths[r.taken:]) for r in alike) >= self.max_tokens
 
     def _take(self, settings) -> list[tuple[_Request, int]]:
         """Up to `max_tokens` source tokens of the waiting texts, one from each request in turn (at least one)."""
-        alike = [r for _, r in self.waiting if r.settings == settings]
+        alike = self._alike(settings)
         batch, tokens = [], 0
         while alike:
             for request in list(alike):
@@ -156,7 +169,8 @@ class Batcher:
                     self.waiting.remove(next(w for w in self.waiting if w[1] is request))
         return batch
 
-    def _decode(self, batch: list[tuple[_Request, int]], settings) -> None:
+    def _decode(self, batch: list[tuple[_Request, int]], settings) -> int:
+        """Decodes a batch and answers the requests it completes (or fails); returns how many it answered."""
         beam_size, nbest = settings
         try:
             outputs = on_model_thread(self.translate, [request.texts[i] for request, i in batch], beam_size, nbest)
@@ -171,14 +185,17 @@ class Batcher:
             for request in failed.values():
                 if not request.future.done():
                     request.future.set_exception(e)
-            return
+            return len(failed)
         self.batches += 1
+        answered = 0
         for (request, _), output in zip(batch, outputs, strict=True):
             if request.future.done():  # an earlier batch of it failed
                 continue
             request.results.append(output)
             if len(request.results) == len(request.texts):
                 request.future.set_result(request.results)
+                answered += 1
+        return answered
 
 
 # Checking a request

@@ -78,12 +78,18 @@ def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
     assert result.exit_code == 0, result.output
     assert "BLEU" in result.stdout and "chrF2" in result.stdout and "tok:13a" in result.stdout
     assert result.stdout.splitlines()[1].startswith("multi30k:test_2016_flickr")  # one row per test set
+    assert "looping" in result.stdout.splitlines()[0]
     result = run("eval", "--run", "runs/tiny", "--json", "--beam", 1)
     [report] = json.loads(result.stdout)
     assert report["test"] == "multi30k:test_2016_flickr" and report["sentences"] == 1000
     assert {s["metric"] for s in report["scores"]} == {"BLEU", "chrF2"}
     hyps = Path(report["hypotheses"]).read_text(encoding="utf-8").splitlines()
-    assert len(hyps) == 1000
+    assert len(hyps) == 1000 and 0 <= report["looping"] <= 1000
+    # Another repetition guard than the run's: its hypotheses go beside the run's own, not over them.
+    result = run("eval", "--run", "runs/tiny", "--json", "--beam", 1, "--no-repeat-ngram-size", 0)
+    [unguarded] = json.loads(result.stdout)
+    assert Path(unguarded["hypotheses"]).name == Path(report["hypotheses"]).name.replace(".beam1", ".beam1.norepeat0")
+    assert Path(report["hypotheses"]).read_text(encoding="utf-8").splitlines() == hyps
     src, ref = write_pair(trained / "own", "t", ["Un chien.", "Un chat."], ["A dog.", "A cat."])
     result = run("eval", "--src", src, "--ref", ref, "--json", "--beam", 1)
     assert json.loads(result.stdout)[0]["sentences"] == 2

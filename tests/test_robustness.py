@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mt.config import Config, DecodeConfig, ModelConfig
+from mt.evaluate import loops
 from mt.model import Transformer
 from mt.tokenizer import Tokenizer
 from mt.translate import Translator
@@ -82,6 +83,13 @@ def test_translate_hard_inputs(translator, text):
 def repeats_an_ngram(tokens: list[int], n: int) -> bool:
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("tokens, babbles", [
+    ([5, 6, 7, 8], False), ([5, 5, 5, 5], True), ([5, 5, 5], False), ([1, 5, 6, 5, 6, 5, 6, 5, 6, 2], True),
+    ([5, 6, 7] * 3, False), ([5, 6, 7] * 4, True), ([5, 6, 7, 8] * 4, False), ([5, 6, 5, 6, 5, 7, 5, 6], False)])
+def test_an_output_loops_when_1_to_3_pieces_come_4_times_in_a_row(tokens, babbles):  # what mt eval counts
+    assert loops(tokens) == babbles
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,9 @@ WeightsOption = Annotated[
     str | None, typer.Option("--weights", help="Checkpoint file in the run folder (default: best.pt).")
 ]
 BeamOption = Annotated[int | None, typer.Option("--beam", min=1, help="Beam size (1 = greedy; default: the run's).")]
+NoRepeatOption = Annotated[int | None, typer.Option(
+    "--no-repeat-ngram-size", min=0, help="Repetition guard: no n-gram of this many pieces twice in a translation "
+    "(0: off; default: the run's decode.no_repeat_ngram_size).")]
 
 
 class _TqdmHandler(logging.Handler):
@@ -187,9 +190,7 @@ def translate(
     seed: Annotated[int, typer.Option(min=0, help="With --sample: the same seed gives the same output.")] = 0,
     prefix: Annotated[str | None, typer.Option(help="Start every translation with this English text, then "
                                                "continue it (autocompletion).")] = None,
-    no_repeat: Annotated[int | None, typer.Option("--no-repeat-ngram-size", min=0, help="Repetition guard: no "
-                                                  "n-gram of this many pieces twice in a translation (0: off; "
-                                                  "default: the run's decode.no_repeat_ngram_size).")] = None,
+    no_repeat: NoRepeatOption = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -411,12 +412,14 @@ def evaluate(
     src: Annotated[Path | None, typer.Option(help="Source file (with --ref) instead of --test.")] = None,
     ref: Annotated[Path | None, typer.Option(help="Reference file, aligned with --src.")] = None,
     beam: BeamOption = None,
+    no_repeat: NoRepeatOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
 ) -> None:
-    """Translate test sets and score them with sacreBLEU (BLEU, chrF), printing the signatures.
+    """Translate test sets and score them with sacreBLEU (BLEU, chrF), printing the signatures, and count the
+    translations that loop (1 to 3 pieces 4 times or more in a row).
 
     Example: mt eval --run runs/multi30k --test multi30k:test_2016_flickr,multi30k:test_2017_flickr
     """
@@ -431,16 +434,17 @@ def evaluate(
         tests = [{"src": str(src), "tgt": str(ref)}]
     else:
         tests = [_corpus_arg(item) for item in test.split(",")] if test is not None else None
-    results = evaluate_run(_run_folder(run, runs_dir), tests, beam_size=beam, device=device, weights=weights)
+    results = evaluate_run(_run_folder(run, runs_dir), tests, beam_size=beam, device=device, weights=weights,
+                           no_repeat=no_repeat)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
     width = max(len(r["test"]) for r in results)
-    typer.echo(f"{'test set':<{width}}  sentences  beam    BLEU   chrF2  hypotheses")
+    typer.echo(f"{'test set':<{width}}  sentences  beam    BLEU   chrF2  looping  hypotheses")
     for r in results:
         scores = {s["metric"]: s["score"] for s in r["scores"]}
         typer.echo(f"{r['test']:<{width}}  {r['sentences']:>9}  {r['beam_size']:>4}  {scores['BLEU']:6.2f}  "
-                   f"{scores['chrF2']:6.2f}  {r['hypotheses']}")
+                   f"{scores['chrF2']:6.2f}  {r['looping']:>7}  {r['hypotheses']}")
     signatures = {s["metric"]: s["signature"] for r in results for s in r["scores"]}
     for metric, signature in signatures.items():
         typer.echo(f"{metric} signature: {signature}")

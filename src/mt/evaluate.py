@@ -41,6 +41,17 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> list[Score]:
     return scores
 
 
+def loops(tokens: Sequence[int], copies: int = 4, longest: int = 3) -> bool:
+    """Whether an output babbles: a run of 1 to `longest` pieces repeated `copies` times or more in a row
+    ("The eanannenenenenenenes."), what the repetition guard (`decode.no_repeat_ngram_size`) is for."""
+    for period in range(1, longest + 1):
+        span = period * copies
+        for start in range(len(tokens) - span + 1):
+            if all(tokens[start + i] == tokens[start + i % period] for i in range(period, span)):
+                return True
+    return False
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return BLEU().corpus_score(list(hypotheses), [list(references)]).score
 
@@ -118,24 +129,30 @@ def _file_name(text: str) -> str:
 
 def evaluate_run(
     run_dir: Path, tests: Sequence[str | dict[str, str]] | None = None, beam_size: int | None = None,
-    device: str = "auto", weights: str | None = None,
+    device: str = "auto", weights: str | None = None, no_repeat: int | None = None,
 ) -> list[dict]:
     """Translates each test corpus with the run's model, scores it and writes the hypotheses to
     `run_dir/eval/`.
 
     Args:
         tests: corpus specs (as `data.test` takes them); default: the run's `data.test`.
+        no_repeat: the repetition guard's n-gram size, instead of the run's (0: off).
 
     Returns:
-        One dict per test set: test, sentences, beam_size, hypotheses (path) and scores.
+        One dict per test set: test, sentences, beam_size, hypotheses (path), scores, and looping: how many
+        outputs babble (`loops`).
     """
     from mt import checkpoint, corpora
     from mt.data import read_corpus
     from mt.translate import Translator
 
     translator = Translator.load(run_dir, device=device, weights=weights)
-    data = translator.config.data
-    beam = beam_size or translator.config.decode.beam_size
+    data, decode = translator.config.data, translator.config.decode
+    beam = beam_size or decode.beam_size
+    guard_tag = ""  # hypotheses of another guard than the run's go beside its own, not over them
+    if no_repeat is not None and no_repeat != decode.no_repeat_ngram_size:
+        translator.config = replace(translator.config, decode=replace(decode, no_repeat_ngram_size=no_repeat))
+        guard_tag = f".norepeat{no_repeat}"
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     _check_writable(out_dir)
@@ -150,12 +167,14 @@ def evaluate_run(
     checkpoint_tag = "" if translator.weights.name == checkpoint.BEST else "." + translator.weights.stem
     results = []
     for files, sources, references, stem in test_sets:
-        hypotheses = [t[0].text for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
-        hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}.{data.tgt_lang}"
+        outputs = [t[0] for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
+        hypotheses = [t.text for t in outputs]
+        hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}{guard_tag}.{data.tgt_lang}"
         index = checkpoint.read_eval_index(out_dir)  # first: a file mt writes is listed before it exists
         index[hyp_path.name] = files.name
         write_bytes(out_dir / checkpoint.EVAL_INDEX, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
         write_bytes(hyp_path, "".join(h + "\n" for h in hypotheses).encode())
         results.append({"test": files.name, "sentences": len(sources), "beam_size": beam,
-                        "hypotheses": str(hyp_path), "scores": [s.as_dict() for s in score(hypotheses, references)]})
+                        "hypotheses": str(hyp_path), "scores": [s.as_dict() for s in score(hypotheses, references)],
+                        "looping": sum(loops(t.tokens) for t in outputs)})
     return results

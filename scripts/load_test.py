@@ -8,7 +8,7 @@ times out, and the whole test stops after --timeout seconds. `--screenshot PNG` 
 headless Chromium (selenium), types a sentence and saves what it shows.
 
 Usage: MT_DATA_PATH=../shared/data python scripts/load_test.py --run runs/multi30k [--clients 32]
-           [--requests 50] [--beam 5] [--test multi30k:test_2016_flickr] [--screenshot page.png]
+           [--requests 50] [--beam 5] [--precision fp32] [--test multi30k:test_2016_flickr] [--screenshot page.png]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=50, help="requests per client")
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--precision", help="for mt translate and mt serve alike (default: the run's)")
     parser.add_argument("--test", default="multi30k:test_2016_flickr")
     parser.add_argument("--baseline", type=int, default=200, help="sentences sent one at a time by one client")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole test")
@@ -72,17 +73,19 @@ def main() -> int:
     signal.alarm(int(args.timeout))
 
     sentences = read_lines(resolve(args.test).src)
+    precision = ["--precision", args.precision] if args.precision else []
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "source.fr"
         source.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
         start = time.perf_counter()
         cli = subprocess.run([sys.executable, "-m", "mt", "translate", "--run", str(args.run), "--input",
-                              str(source), "--beam", str(args.beam)], capture_output=True, text=True, check=True)
+                              str(source), "--beam", str(args.beam), *precision], capture_output=True, text=True,
+                             check=True)
         file_seconds = time.perf_counter() - start
     expected = dict(zip(sentences, cli.stdout.splitlines(), strict=True))
 
     server = subprocess.Popen([sys.executable, "-m", "mt", "serve", "--run", str(args.run), "--host", "127.0.0.1",
-                               "--port", "0"], stderr=subprocess.PIPE, text=True)
+                               "--port", "0", *precision], stderr=subprocess.PIPE, text=True)
     try:
         line = server.stderr.readline()
         if "serving" not in line:
@@ -162,7 +165,8 @@ def main() -> int:
     finally:
         server.kill()
 
-    print(f"| measure ({args.run}, beam {args.beam}, {os.cpu_count()} CPUs) | value | |\n| --- | --- | --- |")
+    settings = f"beam {args.beam}, precision {args.precision or 'of the run'}, {os.cpu_count()} CPUs"
+    print(f"| measure ({args.run}, {settings}) | value | |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return 1 if errors or mismatches else 0

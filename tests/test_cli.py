@@ -90,6 +90,9 @@ def test_eval_prints_scores_with_signatures(trained, monkeypatch, data_path):
     [unguarded] = json.loads(result.stdout)
     assert Path(unguarded["hypotheses"]).name == Path(report["hypotheses"]).name.replace(".beam1", ".beam1.norepeat0")
     assert Path(report["hypotheses"]).read_text(encoding="utf-8").splitlines() == hyps
+    result = run("eval", "--run", "runs/tiny", "--json", "--beam", 1, "--precision", "fp32")  # and another precision
+    assert Path(json.loads(result.stdout)[0]["hypotheses"]).name == Path(report["hypotheses"]).name.replace(
+        ".beam1", ".beam1.fp32")
     src, ref = write_pair(trained / "own", "t", ["Un chien.", "Un chat."], ["A dog.", "A cat."])
     result = run("eval", "--src", src, "--ref", ref, "--json", "--beam", 1)
     assert json.loads(result.stdout)[0]["sentences"] == 2
@@ -747,6 +750,18 @@ def test_translate_with_the_repetition_guard(tiny_run):
     [[output]] = translator.translate_nbest([text], 1)
     assert guarded.stdout.strip() == output.text != loose.text
     assert len(set(output.tokens)) == len(output.tokens)  # no piece twice
+
+
+def test_translate_in_another_precision_than_the_runs(tiny_run):
+    run_dir, text = tiny_run / "runs" / "tiny", "Un chat dort."
+    assert Translator.load(run_dir, precision="fp32").amp is None
+    assert Translator.load(run_dir, precision="bf16").amp is torch.bfloat16
+    assert Translator.load(run_dir, precision="fp32").config.decode.precision == "fp32"  # as /info shows it
+    result = run("translate", "--run", run_dir, "--precision", "fp32", text)
+    assert result.exit_code == 0 and result.stdout.strip() == Translator.load(run_dir, precision="fp32").translate(
+        [text])[0]
+    one_line_error(run("translate", "--run", run_dir, "--precision", "fp16", text),
+                   r"--precision fp16: it is one of auto, fp32, bf16")
 
 
 @pytest.mark.slow

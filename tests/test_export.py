@@ -155,7 +155,7 @@ def test_the_cli_exports_translates_and_evaluates(tiny_run, tmp_path, data_path,
     assert result["sentences"] == 1014 and (out / "eval").is_dir()
 
 
-def test_export_refuses_what_it_cannot_do_in_one_line(tiny_run, tmp_path):
+def test_export_refuses_what_it_cannot_do_in_one_line(tiny_run, tmp_path, exported):
     run = tiny_run / "runs" / "tiny"
     (tmp_path / "taken").mkdir()
     one_line_error(run_mt("export", "--run", run, "-o", tmp_path / "taken"), "already exists")
@@ -163,6 +163,8 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tiny_run, tmp_path):
                    "expected one of float32, int8")
     one_line_error(run_mt("export", "--run", run, "--to", "onnx", "-o", tmp_path / "x"), "ctranslate2")
     one_line_error(run_mt("translate", "--run", tmp_path / "taken", "Bonjour"), "not a run folder")
+    one_line_error(run_mt("translate", "--run", exported / "int8", "--precision", "fp32", "Bonjour"),
+                   "takes no --precision")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 
 

@@ -55,6 +55,9 @@ WeightsOption = Annotated[
     str | None, typer.Option("--weights", help="Checkpoint file in the run folder (default: best.pt).")
 ]
 BeamOption = Annotated[int | None, typer.Option("--beam", min=1, help="Beam size (1 = greedy; default: the run's).")]
+PrecisionOption = Annotated[str | None, typer.Option(
+    "--precision", help="auto, fp32 or bf16 (default: the run's decode.precision; auto: bf16 on CUDA and on CPUs "
+    "with bf16 instructions).")]
 NoRepeatOption = Annotated[int | None, typer.Option(
     "--no-repeat-ngram-size", min=0, help="Repetition guard: no n-gram of this many pieces twice in a translation "
     "(0: off; default: the run's decode.no_repeat_ngram_size).")]
@@ -191,6 +194,7 @@ def translate(
     prefix: Annotated[str | None, typer.Option(help="Start every translation with this English text, then "
                                                "continue it (autocompletion).")] = None,
     no_repeat: NoRepeatOption = None,
+    precision: PrecisionOption = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -219,7 +223,7 @@ def translate(
         raise MtError("--sample draws one translation token by token: it goes with neither --beam nor --nbest")
     if prefix is not None:
         check_text(prefix, "--prefix")
-    translator = translation.load(_run_folder(run, runs_dir), device=device, weights=weights)
+    translator = translation.load(_run_folder(run, runs_dir), device=device, weights=weights, precision=precision)
     if no_repeat is not None:
         translator.config = replace(translator.config, decode=replace(translator.config.decode,
                                                                       no_repeat_ngram_size=no_repeat))
@@ -413,6 +417,7 @@ def evaluate(
     ref: Annotated[Path | None, typer.Option(help="Reference file, aligned with --src.")] = None,
     beam: BeamOption = None,
     no_repeat: NoRepeatOption = None,
+    precision: PrecisionOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
@@ -435,7 +440,7 @@ def evaluate(
     else:
         tests = [_corpus_arg(item) for item in test.split(",")] if test is not None else None
     results = evaluate_run(_run_folder(run, runs_dir), tests, beam_size=beam, device=device, weights=weights,
-                           no_repeat=no_repeat)
+                           no_repeat=no_repeat, precision=precision)
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
@@ -489,6 +494,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Bytes of one request body at most.")] = (
         Limits.max_body_bytes),
     max_beam: Annotated[int, typer.Option(min=1, help="The widest beam a request may ask for.")] = Limits.max_beam,
+    precision: PrecisionOption = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = "auto",
     weights: WeightsOption = None,
@@ -505,7 +511,7 @@ def serve(
     _setup_logging()
     require_extra()  # a missing extra is reported before the model loads
     run_dir = _run_folder(run, runs_dir)
-    translator = on_model_thread(Translator.load, run_dir, device=device, weights=weights)
+    translator = on_model_thread(Translator.load, run_dir, device=device, weights=weights, precision=precision)
     limits = Limits(max_chars=max_chars, max_texts=max_texts, max_body_bytes=max_body_bytes, max_beam=max_beam,
                     max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     run_server(translator, run_dir.name, host, port, limits, ready=lambda line: typer.echo(line, err=True))

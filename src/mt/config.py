@@ -30,6 +30,9 @@ Hugging Face dataset, `{hub: NAME, ...}` or `{disk: FOLDER, ...}` (mt.corpora)."
 CorpusList = str | dict[str, str] | list
 """One corpus spec or a list of them, each optionally repeated: `multi30k:train*3` or `{..., repeat: 3}`."""
 
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
            above: float | None = None, inf: bool = False, empty: bool = False) -> Any:
@@ -103,7 +106,7 @@ class TrainConfig:
                                 "console)", min=1, max=10**12)
     seed: int = option(1, "seed of model initialisation and batch order", min=0, max=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = CUDA when present, else CPU")
-    precision: Literal["auto", "fp32", "bf16"] = option(
+    precision: Precision = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
         "on any device")
     tensorboard: bool = option(False, "also log to TensorBoard in runs/<name>/tensorboard (pip install "
@@ -138,7 +141,7 @@ class DecodeConfig:
     batch_tokens: int = option(16000, "source tokens per decoding batch (times beam size)", min=1, max=10**8)
     inter_threads: int = option(2, "batches decoded at once on a CPU, sharing torch's threads (mt train's own "
                                    "decoding: one)", min=1, max=1024)
-    precision: Literal["auto", "fp32", "bf16"] = option(
+    precision: Precision = option(
         "auto", "auto = bf16 autocast on CUDA and on CPUs with AVX512-BF16/AMX, else fp32; bf16 = bf16 autocast "
         "on any device")
 

@@ -129,7 +129,7 @@ def _file_name(text: str) -> str:
 
 def evaluate_run(
     run_dir: Path, tests: Sequence[str | dict[str, str]] | None = None, beam_size: int | None = None,
-    device: str = "auto", weights: str | None = None, no_repeat: int | None = None,
+    device: str = "auto", weights: str | None = None, no_repeat: int | None = None, precision: str | None = None,
 ) -> list[dict]:
     """Translates each test corpus with the run's model, scores it and writes the hypotheses to
     `run_dir/eval/`.
@@ -137,6 +137,7 @@ def evaluate_run(
     Args:
         tests: corpus specs (as `data.test` takes them); default: the run's `data.test`.
         no_repeat: the repetition guard's n-gram size, instead of the run's (0: off).
+        precision: auto, fp32 or bf16, instead of the run's `decode.precision`.
 
     Returns:
         One dict per test set: test, sentences, beam_size, hypotheses (path), scores, and looping: how many
@@ -146,13 +147,14 @@ def evaluate_run(
     from mt.data import read_corpus
     from mt.translate import Translator
 
-    translator = Translator.load(run_dir, device=device, weights=weights)
+    translator = Translator.load(run_dir, device=device, weights=weights, precision=precision)
     data, decode = translator.config.data, translator.config.decode
     beam = beam_size or decode.beam_size
-    guard_tag = ""  # hypotheses of another guard than the run's go beside its own, not over them
+    # Hypotheses of other settings than the run's own go beside its own, not over them.
+    settings_tag = f".{precision}" if precision is not None else ""
     if no_repeat is not None and no_repeat != decode.no_repeat_ngram_size:
         translator.config = replace(translator.config, decode=replace(decode, no_repeat_ngram_size=no_repeat))
-        guard_tag = f".norepeat{no_repeat}"
+        settings_tag += f".norepeat{no_repeat}"
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     _check_writable(out_dir)
@@ -169,7 +171,7 @@ def evaluate_run(
     for files, sources, references, stem in test_sets:
         outputs = [t[0] for t in translator.translate_nbest(sources, beam_size=beam, progress=files.name)]
         hypotheses = [t.text for t in outputs]
-        hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}{guard_tag}.{data.tgt_lang}"
+        hyp_path = out_dir / f"{stem}{checkpoint_tag}.beam{beam}{settings_tag}.{data.tgt_lang}"
         index = checkpoint.read_eval_index(out_dir)  # first: a file mt writes is listed before it exists
         index[hyp_path.name] = files.name
         write_bytes(out_dir / checkpoint.EVAL_INDEX, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())

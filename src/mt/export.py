@@ -188,13 +188,16 @@ class ExportedTranslator(BaseTranslator):
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", weights: str | None = None,
-             streams: int | None = None) -> ExportedTranslator:
+             streams: int | None = None, precision: str | None = None) -> ExportedTranslator:
         """`streams`: batches decoded at once on a CPU (CTranslate2's inter_threads; default the config's
         `decode.inter_threads`)."""
         ctranslate2 = require_ctranslate2()
         folder = Path(folder)
         if weights is not None:
             raise CheckpointError(f"{folder} is an exported model: it has one set of weights, and takes no --weights")
+        if precision is not None:
+            raise MtError(f"{folder} is an exported model: it computes as it was exported (--quantization), and "
+                          "takes no --precision")
         try:
             info = json.loads((folder / EXPORT_INFO).read_text())
         except (OSError, ValueError) as e:

@@ -10,7 +10,7 @@ turn, one from each, so a long request is decoded a batch at a time beside the s
 Every torch operation of the server runs in one thread, `on_model_thread`'s, the model's loading included.
 torch's OpenMP gives each thread that runs parallel operations a team of worker threads of its own; once
 two teams hold more threads than the machine has cores, libgomp's workers stop spin-waiting, and each small
-operation of a decoding step then waits for its workers to wake (BENCHMARKS.md, "Serving").
+operation of a decoding step then waits for its workers to wake.
 """
 
 import asyncio

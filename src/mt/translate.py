@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from mt import checkpoint, fastpaths
-from mt.config import Config, DecodeConfig, load_run_config
+from mt.config import PRECISIONS, Config, DecodeConfig, load_run_config
 from mt.data import collate
 from mt.devices import autocast, autocast_dtype, pick_device
-from mt.errors import CheckpointError
+from mt.errors import CheckpointError, ConfigError
 from mt.model import Transformer
 from mt.search import (
     CachedStepper,
@@ -146,9 +146,11 @@ class Translator(BaseTranslator):
         self.model, self.amp = model, amp
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None) -> Translator:
+    def load(cls, run_dir: str | Path, device: str = "auto", weights: str | None = None,
+             precision: str | None = None) -> Translator:
         """Loads a run folder's model: `weights` names the checkpoint file in it (default `best.pt`, or
-        `last.pt` when no validation has run yet).
+        `last.pt` when no validation has run yet); `precision` (auto, fp32 or bf16) replaces the run's
+        `decode.precision`.
 
         Raises:
             CheckpointError: if the folder lacks its config, tokenizer or checkpoint.
@@ -157,8 +159,12 @@ class Translator(BaseTranslator):
         if (run_dir / EXPORT_INFO).is_file():  # a folder written by `mt export`
             from mt.export import ExportedTranslator
 
-            return ExportedTranslator.load(run_dir, device, weights)
+            return ExportedTranslator.load(run_dir, device, weights, precision=precision)
         config = load_run_config(run_dir / checkpoint.CONFIG)
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ConfigError(f"--precision {precision}: it is one of {', '.join(PRECISIONS)}")
+            config = replace(config, decode=replace(config.decode, precision=precision))
         tokenizer = Tokenizer.load(run_dir / checkpoint.TOKENIZER)
         path = run_dir / (weights or checkpoint.BEST)
         if weights is None and not path.is_file():

@@ -25,18 +25,20 @@ log = logging.getLogger(__name__)
 EXPORT_INFO = "export.json"  # what marks a folder written by `mt export`
 
 
-def load(run_dir: str | Path, device: str = "auto", weights: str | None = None) -> BaseTranslator:
-    """The translator of a run folder, or of a folder written by `mt export` (which needs no torch)."""
+def load(run_dir: str | Path, device: str = "auto", weights: str | None = None,
+         precision: str | None = None) -> BaseTranslator:
+    """The translator of a run folder, or of a folder written by `mt export` (which needs no torch);
+    `precision` replaces a run's `decode.precision`."""
     from mt import checkpoint
 
     run_dir = checkpoint.check_run(Path(run_dir))
     if (run_dir / EXPORT_INFO).is_file():
         from mt.export import ExportedTranslator
 
-        return ExportedTranslator.load(run_dir, device, weights)
+        return ExportedTranslator.load(run_dir, device, weights, precision=precision)
     from mt.translate import Translator
 
-    return Translator.load(run_dir, device, weights)
+    return Translator.load(run_dir, device, weights, precision)
 
 
 def length_sorted_batches(sources: Sequence[Sequence[int]], budget: int) -> list[list[int]]:

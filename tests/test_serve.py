@@ -220,6 +220,23 @@ def test_a_batch_waits_for_the_clients_just_answered_but_a_lone_client_does_not_
         batcher.close()
 
 
+def test_requests_of_other_settings_do_not_wait_for_what_another_batch_expects():
+    def translate(texts, beam, nbest):
+        time.sleep(0.05)
+        return [[t] for t in texts]
+
+    batcher = Batcher(translate, max_tokens=1000, max_wait=0.4)
+    try:
+        batcher.submit(["greedy"], [1], 1, 1).result(5)  # greedy batches now expect one request
+        for future in [batcher.submit([f"beam {i}"], [1], 5, 1) for i in range(4)]:  # beam-5 ones, four
+            future.result(5)
+        start = time.monotonic()
+        batcher.submit(["greedy again"], [1], 1, 1).result(5)
+        assert time.monotonic() - start < 0.3  # not 0.4 more, waiting for four greedy requests
+    finally:
+        batcher.close()
+
+
 def test_a_failed_batch_fails_its_requests_and_the_next_one_decodes():
     def translate(texts, beam, nbest):
         if "boom" in texts:

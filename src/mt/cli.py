@@ -487,8 +487,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     max_batch_tokens: Annotated[int, typer.Option(min=1, help="Source tokens decoded together at most.")] = (
         Limits.max_batch_tokens),
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for the requests it "
-                                               "expects to share it.")] = Limits.max_wait_ms,
+    max_wait_ms: Annotated[float, typer.Option(min=0, max=60_000, help="How long a batch waits for the "
+                                               "requests it expects to share it.")] = Limits.max_wait_ms,
     max_chars: Annotated[int, typer.Option(min=1, help="Characters in one text at most.")] = Limits.max_chars,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts in one request at most.")] = Limits.max_texts,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Bytes of one request body at most.")] = (

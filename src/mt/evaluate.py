@@ -144,14 +144,16 @@ def evaluate_run(
         outputs babble (`loops`).
     """
     from mt import checkpoint, corpora
+    from mt.config import load_run_config
     from mt.data import read_corpus
     from mt.translate import Translator
 
+    own_precision = load_run_config(checkpoint.check_run(Path(run_dir)) / checkpoint.CONFIG).decode.precision
     translator = Translator.load(run_dir, device=device, weights=weights, precision=precision)
     data, decode = translator.config.data, translator.config.decode
     beam = beam_size or decode.beam_size
     # Hypotheses of other settings than the run's own go beside its own, not over them.
-    settings_tag = f".{precision}" if precision is not None else ""
+    settings_tag = f".{precision}" if precision not in (None, own_precision) else ""
     if no_repeat is not None and no_repeat != decode.no_repeat_ngram_size:
         translator.config = replace(translator.config, decode=replace(decode, no_repeat_ngram_size=no_repeat))
         settings_tag += f".norepeat{no_repeat}"

@@ -88,13 +88,17 @@ class _Request:
 class Batcher:
     """Decodes the texts of many requests in shared batches, formed in a thread of its own, on the model thread.
 
+    Only requests with the same settings (beam size, nbest) share a batch. A batch closes once `max_tokens`
+    source tokens wait; or once the requests it expects wait: as many as the last batch of those settings
+    answered, plus those that were waiting when it ended (under steady load the clients just answered send
+    again, and batches that went without them would split the load into two half-full ones for good); or
+    `max_wait` seconds after its oldest request arrived or the last batch ended, whichever is later. The
+    first batch of some settings expects no number and waits `max_wait`.
+
     Args:
         translate: decodes a list of texts with (beam size, nbest); `Translator.translate_nbest`.
-        max_tokens: a batch closes once this many source tokens wait ...
-        max_wait: ... or as many requests as the last batch answered plus those that were waiting then (under
-            steady load the clients just answered send again, and a batch that went without them would split
-            the load into two half-full batches for good), or this many seconds after the oldest request
-            arrived or the last batch ended, whichever is later.
+        max_tokens: source tokens in one batch at most.
+        max_wait: the longest a batch waits for the requests it expects, in seconds.
     """
 
     def __init__(self, translate: Callable[[list[str], int | None, int], list], max_tokens: int, max_wait: float):
@@ -127,7 +131,8 @@ class Batcher:
         self.thread.join()
 
     def _run(self) -> None:
-        free_since, expected = time.monotonic(), math.inf  # the first batch waits its max_wait
+        free_since = time.monotonic()
+        expected: dict[tuple, int] = {}  # settings -> requests the next batch of them expects
         while True:
             with self.changed:
                 while not self.waiting and not self.closing:
@@ -136,13 +141,13 @@ class Batcher:
                     return
                 arrived, oldest = self.waiting[0]
                 deadline = max(arrived, free_since) + self.max_wait
-                while not self.closing and not self._ready(oldest.settings, expected) and (
+                wanted = expected.get(oldest.settings, math.inf)
+                while not self.closing and not self._ready(oldest.settings, wanted) and (
                         left := deadline - time.monotonic()) > 0:
                     self.changed.wait(left)
                 batch = self._take(oldest.settings)
-            answered = self._decode(batch, oldest.settings)
-            with self.changed:  # the clients just answered are likely to send again: wait for them too
-                free_since, expected = time.monotonic(), answered + len(self._alike(oldest.settings))
+            expected[oldest.settings] = self._decode(batch, oldest.settings)
+            free_since = time.monotonic()
 
     def _alike(self, settings) -> list[_Request]:
         return [r for _, r in self.waiting if r.settings == settings]
@@ -170,7 +175,9 @@ class Batcher:
         return batch
 
     def _decode(self, batch: list[tuple[_Request, int]], settings) -> int:
-        """Decodes a batch and answers the requests it completes (or fails); returns how many it answered."""
+        """Decodes a batch and answers the requests it completes (or fails). Returns the requests of these
+        settings the next batch expects: those waiting now, and those it answered (their clients may send
+        again), counted before any answer goes out, so that no client is counted twice."""
         beam_size, nbest = settings
         try:
             outputs = on_model_thread(self.translate, [request.texts[i] for request, i in batch], beam_size, nbest)
@@ -182,20 +189,23 @@ class Batcher:
             failed = {id(r): r for r, _ in batch}
             with self.changed:
                 self.waiting = deque(w for w in self.waiting if id(w[1]) not in failed)
+                expected = len(failed) + len(self._alike(settings))
             for request in failed.values():
                 if not request.future.done():
                     request.future.set_exception(e)
-            return len(failed)
+            return expected
         self.batches += 1
-        answered = 0
+        done = []
         for (request, _), output in zip(batch, outputs, strict=True):
-            if request.future.done():  # an earlier batch of it failed
-                continue
-            request.results.append(output)
-            if len(request.results) == len(request.texts):
-                request.future.set_result(request.results)
-                answered += 1
-        return answered
+            if not request.future.done():  # else an earlier batch of it failed
+                request.results.append(output)
+                if len(request.results) == len(request.texts):
+                    done.append(request)
+        with self.changed:
+            expected = len(done) + len(self._alike(settings))
+        for request in done:
+            request.future.set_result(request.results)
+        return expected
 
 
 # Checking a request
@@ -320,7 +330,7 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
             return error(422, f"beam_size {beam} is too large for this model's vocabulary of "
                               f"{translator.tokenizer.vocab_size} pieces")
         try:
-            outputs = await asyncio.wrap_future(batcher.submit(texts, lengths, request.beam_size, request.nbest))
+            outputs = await asyncio.wrap_future(batcher.submit(texts, lengths, beam, request.nbest))
         except MtError as e:
             return error(422, str(e))
         return _response(outputs, request.scores, request.nbest)
@@ -334,7 +344,8 @@ def create_app(translator: "Translator", limits: Limits = Limits(), run_name: st
         layers = translator.attention_layers
         if request.layer is not None and request.layer > layers:
             return error(422, f"layer {request.layer} is out of range: the model has {layers} decoder layers")
-        [options] = await asyncio.wrap_future(batcher.submit([request.text], lengths, None, 1))
+        [options] = await asyncio.wrap_future(batcher.submit([request.text], lengths,
+                                                             translator.config.decode.beam_size, 1))
 
         def draw() -> bytes:
             weights, source, output = on_model_thread(translator.attention_map, request.text, options[0].tokens)
